@@ -1,0 +1,3 @@
+from squat_cli.cli import main
+
+main()

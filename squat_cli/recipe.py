@@ -1,0 +1,351 @@
+"""Recipes: typed dataclasses are the schema; YAML and ``--set`` overrides fill them.
+
+A recipe has sections ``model``, ``data``, ``train``, ``quant`` and ``sam``.
+Loading validates every key and value; anything wrong is a ``RecipeError``
+with a one-line message naming the key (``train.scheduler``) and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from squat_cli.errors import RecipeError
+
+METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq")
+
+
+@dataclass
+class ModelConfig:
+    """Which pre-trained encoder to start from."""
+
+    name_or_path: str = "bert-base-uncased"
+    """Hub id, local folder, or ``packaged-minilm`` (all-MiniLM-L6-v2 from PyPI)."""
+    trust_remote_code: bool = False
+    """Allow code from the model repository to run (off unless asked)."""
+
+
+@dataclass
+class DataConfig:
+    """GLUE task and how its examples are read and tokenised."""
+
+    task: str = "cola"
+    data_dir: Optional[str] = None
+    """Folder in GLUE's original layout; falls back to ``$SQUAT_DATA_DIR``, then the hub."""
+    source: Literal["auto", "local", "hub"] = "auto"
+    max_seq_length: int = 128
+    train_subset: Optional[int] = None
+    """Use only the first N training examples (after a seeded shuffle)."""
+    eval_subset: Optional[int] = None
+    """Use only the first N examples of each dev split."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop shared by every method."""
+
+    epochs: float = 5.0
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 42
+    eval_strategy: Literal["epoch", "steps", "end"] = "epoch"
+    eval_steps: int = 500
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding)."""
+    save_model: bool = True
+
+
+@dataclass
+class QuantConfig:
+    """Quantizers, the modules they wrap, and the step-size optimizer."""
+
+    method: Literal["lsq", "joint", "squat", "fp-sam", "q8bert", "ptq"] = "squat"
+    wbits: int = 4
+    abits: int = 8
+    per_channel: bool = False
+    """One step size per output channel instead of one per tensor."""
+    quantize_embeddings: bool = False
+    """Also quantize the word embeddings (weights only)."""
+    include: list[str] = field(default_factory=lambda: ["*encoder.layer.*", "*transformer.layer.*"])
+    """fnmatch patterns of module names whose nn.Linear layers are quantized."""
+    exclude: list[str] = field(default_factory=lambda: ["*classifier*", "*pooler*"])
+    act_init: Literal["max", "lsq"] = "max"
+    """Activation step init: max|x|/Qp, or LSQ's 2*mean|x|/sqrt(Qp)."""
+    calib_batches: int = 4
+    step_optimizer: Literal["sgd", "adam"] = "sgd"
+    step_lr: float = 1e-3
+    step_momentum: float = 0.0
+    step_size_grad: Literal["fresh", "reuse"] = "fresh"
+    """squat only: ``fresh`` = extra pass at w_{t+1}; ``reuse`` = next step's first pass."""
+    ptq_step: Literal["minmax", "mse"] = "mse"
+    q8bert_ema: float = 0.9999
+
+
+@dataclass
+class SamConfig:
+    """Sharpness-aware minimisation settings."""
+
+    rho: Optional[float] = None
+    """None = the paper's choice: 0.1 for 2- and 3-bit weights, 0.15 for 4-bit and wider."""
+    sync_perturbation: bool = False
+    """All-reduce the ascent gradient across processes (default: per-process eps)."""
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: Optional[QuantConfig] = None
+    sam: SamConfig = field(default_factory=SamConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["quant"] is None:
+            del d["quant"]
+        return d
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Recipe":
+        """Cross-field checks that the types alone cannot express."""
+        _positive("data.max_seq_length", self.data.max_seq_length, allow_zero=False)
+        if self.data.max_seq_length > 4096:
+            raise RecipeError(f"data.max_seq_length: {self.data.max_seq_length} is too large (at most 4096)")
+        for key, val in (("data.train_subset", self.data.train_subset), ("data.eval_subset", self.data.eval_subset)):
+            if val is not None:
+                _positive(key, val, allow_zero=False)
+        t = self.train
+        _positive("train.epochs", t.epochs, allow_zero=False)
+        if t.max_steps is not None:
+            _positive("train.max_steps", t.max_steps, allow_zero=False)
+        _positive("train.batch_size", t.batch_size, allow_zero=False)
+        _positive("train.eval_batch_size", t.eval_batch_size, allow_zero=False)
+        _positive("train.lr", t.lr)
+        _positive("train.weight_decay", t.weight_decay)
+        if not 0 <= t.warmup_ratio < 1:
+            raise RecipeError(f"train.warmup_ratio: {t.warmup_ratio} must be in [0, 1)")
+        if t.max_grad_norm is not None:
+            _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=False)
+        _positive("train.eval_steps", t.eval_steps, allow_zero=False)
+        _positive("train.log_every", t.log_every, allow_zero=False)
+        _positive("train.seed", t.seed)
+        q = self.quant
+        if self.sam.rho is None:
+            self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
+        if self.sam.rho < 0:
+            raise RecipeError(f"sam.rho: {self.sam.rho} must be >= 0")
+        if q is not None:
+            if not 2 <= q.wbits <= 8 and not (q.method == "fp-sam" and q.wbits == 32):
+                raise RecipeError(f"quant.wbits: {q.wbits} is outside 2..8")
+            if not 2 <= q.abits <= 32:
+                raise RecipeError(f"quant.abits: {q.abits} is outside 2..32")
+            _positive("quant.step_lr", q.step_lr)
+            _positive("quant.calib_batches", q.calib_batches, allow_zero=False)
+            if not 0 <= q.step_momentum < 1:
+                raise RecipeError(f"quant.step_momentum: {q.step_momentum} must be in [0, 1)")
+            if not 0 < q.q8bert_ema < 1:
+                raise RecipeError(f"quant.q8bert_ema: {q.q8bert_ema} must be in (0, 1)")
+        return self
+
+
+def _positive(key: str, value: float, allow_zero: bool = True) -> None:
+    if value < 0 or (not allow_zero and value == 0):
+        raise RecipeError(f"{key}: {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# ---------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    origin = typing.get_origin(tp)
+    bad = RecipeError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:
+            return _coerce(key, real[0], value)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value)
+            except RecipeError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad  # pragma: no cover - only the types above are used
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise RecipeError(f"{full}: unknown key; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(full, hints[key], value)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("recipe: the file must hold a mapping of sections (model, data, train, quant, sam)")
+    return _build(Recipe, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-5`` -> (["train", "lr"], 1e-5); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key=value, e.g. train.lr=1e-5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-5 as a string (no dot in mantissa); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``{"train.lr": 1e-5}``) in a nested dict, creating sections."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{dotted}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    if not isinstance(new, dict):
+        raise RecipeError("recipe: the file must hold a mapping of sections (model, data, train, quant, sam)")
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"recipe {path}: not valid YAML{where}") from None
+    return data or {}
+
+
+# The paper's QAT setup (Appendix B), under any recipe given to ``squat quantize``.
+QUANTIZE_DEFAULTS: dict[str, Any] = {
+    "train.optimizer": "adam",
+    "train.lr": 1e-5,
+    "train.scheduler": "cosine",
+    "train.epochs": 32.0,
+    "train.warmup_ratio": 0.0,
+    "train.weight_decay": 0.0,
+    "quant.method": "squat",
+}
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Recipe:
+    """Recipe from layers, lowest first: dataclass defaults, ``base`` (dotted keys), the YAML
+    file, ``overrides`` (dotted keys; None values ignored), ``--set`` strings. Then validate."""
+    data = apply_overrides({}, dict(base or {}))
+    _merge(data, read_yaml(path) if path else {})
+    merged: dict[str, Any] = {}
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            merged[k] = v
+    for s in sets or []:
+        parts, value = parse_override(s)
+        merged[".".join(parts)] = value
+    apply_overrides(data, merged)
+    return recipe_from_dict(data).validate()

@@ -1,0 +1,215 @@
+"""Run folders: layout, discovery, completeness, and atomic file writes.
+
+    <runs>/<task>/<variant>/seed<k>/
+      recipe.yaml            the resolved recipe, exactly what ran
+      environment.json       versions, device, command line
+      metrics.jsonl          one line per evaluation
+      metrics.json           final metrics; its presence marks the run complete
+      model/                 save_pretrained output (safetensors) + tokenizer
+      quantizer.safetensors  step sizes and quantizer settings (quantized runs)
+      sharpness.json         {key: score and settings} (after ``squat sharpness``)
+
+``<variant>`` is ``fp`` or ``<method>-w<W>a<A>`` (``squat-w2a8``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from squat_cli.errors import RunError
+
+RUN_RE = re.compile(r"^seed(\d+)$")
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Like ``atomic_path`` for a folder: an existing one is replaced only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+
+
+def variant_name(method: Optional[str], wbits: int = 32, abits: int = 32) -> str:
+    """``fp`` for plain fine-tuning, else ``<method>-w<W>a<A>``."""
+    if method in (None, "fp"):
+        return "fp"
+    return f"{method}-w{wbits}a{abits}"
+
+
+def parse_variant(variant: str) -> tuple[str, int, int]:
+    """Inverse of ``variant_name``: ("fp", 32, 32) or (method, wbits, abits)."""
+    if variant == "fp":
+        return "fp", 32, 32
+    m = re.match(r"^(.+)-w(\d+)a(\d+)$", variant)
+    if not m:
+        raise RunError(f"{variant!r} is not a run variant (fp or <method>-w<W>a<A>)")
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def for_run(cls, root: Path | str, task: str, variant: str, seed: int) -> "RunDir":
+        return cls(Path(root) / task / variant / f"seed{seed}")
+
+    # layout -------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self.path.parent.parent.name
+
+    @property
+    def variant(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def seed(self) -> int:
+        m = RUN_RE.match(self.path.name)
+        if not m:
+            raise RunError(f"{self.path}: not a run folder (expected .../<task>/<variant>/seed<k>)")
+        return int(m.group(1))
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def history_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def quantizer_file(self) -> Path:
+        return self.path / "quantizer.safetensors"
+
+    @property
+    def sharpness_file(self) -> Path:
+        return self.path / "sharpness.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def failed_file(self) -> Path:
+        return self.path / "FAILED.json"
+
+    # state ----------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return self.metrics_file.is_file()
+
+    def is_failed(self) -> bool:
+        return self.failed_file.is_file() and not self.is_complete()
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics_file)
+
+    def append_history(self, record: dict[str, Any]) -> None:
+        old = self.history_file.read_text(encoding="utf-8") if self.history_file.is_file() else ""
+        write_text(self.history_file, old + json.dumps(record) + "\n")
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_file.is_file():
+            return []
+        return [json.loads(line) for line in self.history_file.read_text(encoding="utf-8").splitlines() if line]
+
+
+def discover(root: Path | str) -> list[RunDir]:
+    """Every ``<task>/<variant>/seed<k>`` folder under ``root`` (complete or not), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [RunDir(p) for p in root.glob("*/*/seed*") if p.is_dir() and RUN_RE.match(p.name)]
+    return sorted(found, key=lambda r: (r.task, r.variant, r.seed))
+
+
+def environment(device: str, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Versions, device and command line, for ``environment.json``."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("squat", "torch", "transformers", "accelerate", "datasets", "safetensors", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    import torch
+
+    env = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": device,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "command": sys.argv,
+    }
+    env.update(extra or {})
+    return env

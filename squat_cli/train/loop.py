@@ -1,0 +1,219 @@
+"""The shared training loop: devices and precision (accelerate), optimizers, schedules, evaluation.
+
+Every method runs through ``fit``; what differs between methods is the
+strategy object (``strategies.py``) that turns a batch into updates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from squat_cli.data import Encoded, eval_loader, train_loader
+from squat_cli.glue import GlueTask
+from squat_cli.metrics import task_metrics
+from squat_cli.progress import Reporter
+from squat_cli.quant.convert import step_summary
+from squat_cli.quant.qlinear import step_parameters, weight_parameters
+from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
+from squat_cli.train.strategies import StepContext, default_clip, make_strategy
+
+
+def make_accelerator(precision: str = "fp32", cpu: bool = False):
+    """An ``accelerate.Accelerator``: CUDA when present, bf16 autocast when asked."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not PartialState._shared_state or PartialState().num_processes == 1:
+        # one process: allow a fresh precision setting per run (tests run many in one process)
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu)
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def build_optimizers(
+    core: nn.Module, train: TrainConfig, quant: Optional[QuantConfig], total_steps: int
+) -> tuple[torch.optim.Optimizer, Any, Optional[torch.optim.Optimizer], Any]:
+    """The weight optimizer (no decay on 1-D tensors), the step-size optimizer and their schedules."""
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for _, p in weight_parameters(core):
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if train.optimizer == "adamw":
+        w_opt = torch.optim.AdamW(groups, lr=train.lr)
+    elif train.optimizer == "adam":
+        w_opt = torch.optim.Adam(groups, lr=train.lr)
+    else:
+        w_opt = torch.optim.SGD(groups, lr=train.lr, momentum=0.9)
+    warmup = int(round(train.warmup_ratio * total_steps))
+    w_sched = get_scheduler(train.scheduler, w_opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+    s_opt = s_sched = None
+    steps = step_parameters(core)
+    if steps and quant is not None:
+        if quant.step_optimizer == "sgd":
+            s_opt = torch.optim.SGD(steps, lr=quant.step_lr, momentum=quant.step_momentum)
+        else:
+            s_opt = torch.optim.Adam(steps, lr=quant.step_lr)
+        s_sched = get_scheduler(train.scheduler, s_opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return w_opt, w_sched, s_opt, s_sched
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: GlueTask, dev: dict[str, Encoded], batch_size: int, pad_id: int,
+    device: torch.device, autocast: Callable = torch.autocast,
+) -> dict[str, float]:
+    """Main and auxiliary metrics on every dev split, plus the mean dev loss (``eval_loss``)."""
+    was_training = model.training
+    model.eval()
+    by_split = {}
+    losses, counts = 0.0, 0
+    try:
+        for split, enc in dev.items():
+            loader, order = eval_loader(enc, batch_size, pad_id)
+            outs = []
+            for batch in loader:
+                batch = _to(batch, device)
+                with autocast():
+                    out = model(**batch)
+                losses += float(out.loss.float()) * len(batch["labels"])
+                counts += len(batch["labels"])
+                logits = out.logits.float()
+                outs.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+            pred_sorted = torch.cat(outs).cpu().numpy()
+            preds = np.empty_like(pred_sorted)
+            preds[order.numpy()] = pred_sorted
+            by_split[split] = (preds, enc.labels.numpy())
+    finally:
+        model.train(was_training)
+    metrics = task_metrics(task, by_split)
+    metrics["eval_loss"] = losses / max(counts, 1)
+    return metrics
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    epochs: float = 0.0
+    train_examples: int = 0
+    wall_time_s: float = 0.0
+    train_loss: float = float("nan")
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size))
+
+
+def total_steps(train: TrainConfig, n_examples: int) -> int:
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, math.ceil(train.epochs * steps_per_epoch(n_examples, train.batch_size)))
+
+
+def fit(
+    model: nn.Module,
+    task: GlueTask,
+    train_enc: Encoded,
+    dev: dict[str, Encoded],
+    recipe: Recipe,
+    method: str,
+    pad_id: int,
+    reporter: Optional[Reporter] = None,
+    on_eval: Optional[Callable[[dict[str, Any]], None]] = None,
+    accelerator=None,
+) -> FitResult:
+    """Train ``model`` with ``method`` and evaluate on ``dev``; returns the final metrics and history."""
+    reporter = reporter or Reporter()
+    t = recipe.train
+    acc = accelerator or make_accelerator(t.precision)
+    seed_everything(t.seed)
+    loader = train_loader(train_enc, t.batch_size, t.seed, pad_id, t.group_by_length)
+    spe = len(loader)
+    total = total_steps(t, len(train_enc))
+    w_opt, w_sched, s_opt, s_sched = build_optimizers(model, t, recipe.quant, total)
+    model = acc.prepare(model)
+    core = acc.unwrap_model(model)
+    distributed = acc.num_processes > 1
+    ctx = StepContext(
+        model=model, core=core, w_opt=w_opt, s_opt=s_opt, backward=acc.backward, autocast=acc.autocast,
+        no_sync=lambda: acc.no_sync(model), max_grad_norm=t.max_grad_norm, clip=default_clip,
+        rho=recipe.sam.rho, grad_mean=(lambda g: acc.reduce(g, "mean")) if distributed else None,
+        sync_perturbation=recipe.sam.sync_perturbation,
+    )
+    qcfg = recipe.quant
+    strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")
+    device = acc.device
+    model.train()
+    history: list[dict[str, Any]] = []
+    last_metrics: dict[str, float] = {}
+    step = 0
+    epoch = 0
+    start = time.perf_counter()
+    seen = 0
+    recent: list[float] = []
+    n_epochs = math.ceil(total / spe)
+    reporter.start(total, f"{task.display} {method}")
+
+    def run_eval(at_epoch: float) -> None:
+        nonlocal last_metrics
+        m = evaluate(core, task, dev, t.eval_batch_size, pad_id, device, acc.autocast)
+        rec = {"step": step, "epoch": round(at_epoch, 4), **m, "train_loss": float(np.mean(recent)) if recent else None}
+        rec.update(step_summary(core))
+        history.append(rec)
+        last_metrics = m
+        if on_eval:
+            on_eval(rec)
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in task.metric_names())
+        reporter.message(f"step {step} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
+
+    try:
+        for epoch in range(n_epochs):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                if step >= total:
+                    break
+                batch = _to(batch, device)
+                loss = strategy.step(batch)
+                w_sched.step()
+                if s_sched is not None:
+                    s_sched.step()
+                step += 1
+                seen += len(batch["labels"])
+                recent.append(loss)
+                if step % t.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - start
+                    reporter.update(step, loss=float(np.mean(recent[-t.log_every:])), ex_s=seen / max(elapsed, 1e-9))
+                if t.eval_strategy == "steps" and step % t.eval_steps == 0 and step < total:
+                    run_eval(step / spe)
+            if t.eval_strategy == "epoch" and step < total:
+                run_eval(epoch + 1)
+                recent = []
+        run_eval(step / spe)
+    finally:
+        reporter.stop()
+    return FitResult(
+        metrics=last_metrics, history=history, steps=step, epochs=step / spe, train_examples=len(train_enc),
+        wall_time_s=time.perf_counter() - start, train_loss=float(np.mean(recent)) if recent else float("nan"),
+    )
+
+
+__all__ = ["fit", "evaluate", "make_accelerator", "build_optimizers", "FitResult", "total_steps"]

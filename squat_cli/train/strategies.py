@@ -1,0 +1,238 @@
+"""One small class per training method; each turns a batch into parameter updates.
+
+Notation as in the paper: ``w`` are the weights (every trainable parameter
+that is not a step size), ``s`` the LSQ step sizes, ``Q(w, s)`` the quantized
+weights and ``eps`` SAM's perturbation (see ``sam.py``).
+
+=========  ==================================================================
+method     one step on batch B
+=========  ==================================================================
+fp         w <- opt_w(grad_w L(w))                          (plain fine-tuning)
+lsq        one pass; w <- opt_w, s <- opt_s from the same gradients
+q8bert     like lsq; Q8BERT's quantizers have no learned steps
+joint      pass 1 at Q(w,s): eps; pass 2 at Q(w,s)+eps: w <- opt_w, s <- opt_s
+fp-sam     joint on an unquantized model (plain SAM)
+squat      Algorithm 1. pass 1 at Q(w_t,s_t): eps (s frozen);
+           pass 2 at Q(w_t,s_t)+eps: w_{t+1} <- opt_w (s frozen);
+           pass 3 at Q(w_{t+1},s_t): s_{t+1} <- opt_s (w frozen)   [fresh]
+           reuse: no pass 3; the s step uses pass 1 of the *next* step,
+           which is evaluated at Q(w_{t+1}, s_t) on the next batch
+=========  ==================================================================
+
+``opt_w`` is the recipe's optimizer (Adam/AdamW with a schedule), ``opt_s`` the
+step-size optimizer (SGD by default). Gradient clipping applies to w only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from squat_cli.errors import DivergenceError
+from squat_cli.quant.qlinear import clamp_steps, step_parameters, weight_parameters
+from squat_cli.train.sam import Perturbation
+
+
+@dataclass
+class StepContext:
+    """What a strategy needs from the loop, with no knowledge of files or devices."""
+
+    model: nn.Module
+    """The model to call (possibly wrapped for data parallelism)."""
+    core: nn.Module
+    """The unwrapped model (to find quantizers and parameters)."""
+    w_opt: torch.optim.Optimizer
+    s_opt: Optional[torch.optim.Optimizer]
+    backward: Callable[[torch.Tensor], None]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    no_sync: Callable[[], contextlib.AbstractContextManager]
+    max_grad_norm: Optional[float] = None
+    clip: Optional[Callable[[list[torch.Tensor], float], None]] = None
+    rho: float = 0.0
+    grad_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    """Mean over processes (None in a single process)."""
+    sync_perturbation: bool = False
+    """Average SAM's ascent gradient over processes (default: each process its own eps)."""
+
+
+class Strategy:
+    """Base: a single forward/backward, then both optimizers."""
+
+    name = "fp"
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.w_params = [p for _, p in weight_parameters(ctx.core)]
+        self.s_params = step_parameters(ctx.core)
+        self.step_count = 0
+
+    # helpers -------------------------------------------------------------
+    def loss(self, batch: dict) -> torch.Tensor:
+        with self.ctx.autocast():
+            out = self.ctx.model(**batch)
+        loss = out.loss
+        if not torch.isfinite(loss.detach()):
+            raise DivergenceError(f"non-finite loss ({float(loss)}) at step {self.step_count + 1}")
+        return loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.ctx.backward(loss)
+
+    def _set_grad(self, params: list[nn.Parameter], on: bool) -> None:
+        for p in params:
+            p.requires_grad_(on)
+
+    def _clip_w(self) -> None:
+        if self.ctx.max_grad_norm is not None and self.ctx.clip is not None:
+            self.ctx.clip(self.w_params, self.ctx.max_grad_norm)
+
+    def _step_w(self) -> None:
+        self._clip_w()
+        self.ctx.w_opt.step()
+        self.ctx.w_opt.zero_grad(set_to_none=True)
+
+    def _step_s(self) -> None:
+        if self.ctx.s_opt is not None and self.s_params:
+            self.ctx.s_opt.step()
+            self.ctx.s_opt.zero_grad(set_to_none=True)
+            clamp_steps(self.ctx.core)
+            self._check_steps()
+
+    def _check_steps(self) -> None:
+        for p in self.s_params:
+            if not torch.isfinite(p).all():
+                raise DivergenceError(f"non-finite step size at step {self.step_count + 1}")
+
+    def zero_all(self) -> None:
+        self.ctx.w_opt.zero_grad(set_to_none=True)
+        if self.ctx.s_opt is not None:
+            self.ctx.s_opt.zero_grad(set_to_none=True)
+
+    # the step ------------------------------------------------------------
+    def step(self, batch: dict) -> float:
+        """One optimizer step on ``batch``; returns the loss of its first pass."""
+        loss = self.loss(batch)
+        self._backward(loss)
+        self._step_w()
+        self._step_s()
+        self.step_count += 1
+        return float(loss.detach())
+
+
+class Plain(Strategy):
+    """fp, lsq and q8bert: one pass, w and s updated together."""
+
+
+class JointSam(Strategy):
+    """SAM on the quantized weights; w and s both updated from the perturbed gradient (paper Eq. 5-7).
+
+    On a model without quantizers this is plain SAM (``fp-sam``).
+    """
+
+    name = "joint"
+
+    def __init__(self, ctx: StepContext):
+        super().__init__(ctx)
+        self.perturb = Perturbation(ctx.core, ctx.grad_mean if ctx.sync_perturbation else None)
+
+    def ascent(self, batch: dict) -> torch.Tensor:
+        """Pass 1 (no gradient sync): capture d L / d Q(w) and apply eps. Step sizes get no gradient."""
+        self._set_grad(self.s_params, False)
+        self.perturb.capture(True)
+        try:
+            with self.ctx.no_sync():
+                loss = self.loss(batch)
+                self._backward(loss)
+            self.perturb.apply(self.ctx.rho)
+        finally:
+            self.perturb.capture(False)
+            self._set_grad(self.s_params, True)
+        self.zero_all()
+        return loss
+
+    def step(self, batch: dict) -> float:
+        loss = self.ascent(batch)
+        try:
+            self._backward(self.loss(batch))
+        finally:
+            self.perturb.restore()
+        self._step_w()
+        self._step_s()
+        self.step_count += 1
+        return float(loss.detach())
+
+
+class SQuAT(JointSam):
+    """Algorithm 1: a SAM step of w with s fixed, then an SGD step of s with w fixed."""
+
+    name = "squat"
+
+    def __init__(self, ctx: StepContext, step_size_grad: str = "fresh"):
+        super().__init__(ctx)
+        self.fresh = step_size_grad == "fresh"
+
+    def step(self, batch: dict) -> float:
+        if self.fresh:
+            loss = self.ascent(batch)
+        else:
+            loss = self._ascent_with_step_grad(batch)
+        # pass 2: weight step at Q(w_t, s_t) + eps, s fixed
+        self._set_grad(self.s_params, False)
+        try:
+            self._backward(self.loss(batch))
+        finally:
+            self.perturb.restore()
+            self._set_grad(self.s_params, True)
+        self._step_w()
+        if self.fresh:
+            # pass 3: step-size step at Q(w_{t+1}, s_t), w fixed
+            self._set_grad(self.w_params, False)
+            try:
+                self._backward(self.loss(batch))
+            finally:
+                self._set_grad(self.w_params, True)
+            self._step_s()
+        self.step_count += 1
+        return float(loss.detach())
+
+    def _ascent_with_step_grad(self, batch: dict) -> torch.Tensor:
+        """Pass 1 of ``reuse``: one backward gives eps and grad_s L(Q(w_t, s_{t-1})), the previous step's s update."""
+        self.perturb.capture(True)
+        try:
+            with self.ctx.no_sync():
+                loss = self.loss(batch)
+                self._backward(loss)
+            if self.step_count > 0:
+                if self.ctx.grad_mean is not None:  # pass 1 ran without sync; the s step is synced
+                    for p in self.s_params:
+                        if p.grad is not None:
+                            p.grad.copy_(self.ctx.grad_mean(p.grad))
+                self._step_s()
+            elif self.ctx.s_opt is not None:
+                self.ctx.s_opt.zero_grad(set_to_none=True)
+            self.perturb.apply(self.ctx.rho)
+        finally:
+            self.perturb.capture(False)
+        self.zero_all()
+        return loss
+
+
+def make_strategy(method: str, ctx: StepContext, step_size_grad: str = "fresh") -> Strategy:
+    if method in ("fp", "lsq", "q8bert"):
+        return Plain(ctx)
+    if method in ("joint", "fp-sam"):
+        return JointSam(ctx)
+    if method == "squat":
+        return SQuAT(ctx, step_size_grad)
+    raise ValueError(f"no training strategy for method {method!r}")
+
+
+def default_clip(params: list[torch.Tensor], max_norm: float) -> None:
+    grads = [p for p in params if p.grad is not None]
+    if grads:
+        torch.nn.utils.clip_grad_norm_(grads, max_norm)
+

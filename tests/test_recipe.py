@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from squat_cli.errors import RecipeError
+from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, load_recipe, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {"finetune.yaml", "quantize/w2a8.yaml", "quantize/w3a8.yaml", "quantize/w4a8.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_loads(path):
+    r = load_recipe(path)
+    assert isinstance(r, Recipe)
+    assert r.sam.rho is not None and r.sam.rho >= 0
+
+
+def test_finetune_recipe_is_paper_setup():
+    r = load_recipe(REPO / "recipes" / "finetune.yaml")
+    assert r.model.name_or_path == "bert-base-uncased"
+    assert r.train.epochs == 5
+    assert r.quant is None
+
+
+@pytest.mark.parametrize("bits,rho", [(2, 0.1), (3, 0.1), (4, 0.15)])
+def test_quantize_recipes_are_paper_setup(bits, rho):
+    r = load_recipe(REPO / "recipes" / "quantize" / f"w{bits}a8.yaml", base=QUANTIZE_DEFAULTS)
+    assert (r.quant.wbits, r.quant.abits) == (bits, 8)
+    assert r.sam.rho == rho
+    assert (r.train.optimizer, r.train.lr, r.train.scheduler, r.train.epochs) == ("adam", 1e-5, "cosine", 32)
+
+
+def test_default_rho_follows_bits():
+    assert load_recipe(overrides={"quant.wbits": 2}).sam.rho == 0.1
+    assert load_recipe(overrides={"quant.wbits": 4}).sam.rho == 0.15
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert msg.startswith("train.learning_rate: unknown key")
+    assert "lr" in msg and "\n" not in msg
+
+
+def test_unknown_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(RecipeError, match=r"^optim: unknown key; allowed: model, data, train, quant, sam"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize(
+    "sets,match",
+    [
+        (["train.scheduler=step"], r"train.scheduler: 'step' is not valid; expected one of linear, cosine, constant"),
+        (["train.batch_size=abc"], r"train.batch_size: 'abc' is not valid; expected an integer"),
+        (["train.batch_size=0"], r"train.batch_size: 0 must be > 0"),
+        (["quant.wbits=9"], r"quant.wbits: 9 is outside 2..8"),
+        (["quant.abits=1"], r"quant.abits: 1 is outside 2..32"),
+        (["sam.rho=-0.1"], r"sam.rho: -0.1 must be >= 0"),
+        (["quant.method=foo"], r"quant.method: 'foo' is not valid; expected one of lsq"),
+        (["train.lr"], r"--set 'train.lr': expected key=value"),
+        (["model.trust_remote_code=maybe"], r"model.trust_remote_code: 'maybe' is not valid; expected true or false"),
+    ],
+)
+def test_bad_values(sets, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(sets=sets)
+
+
+def test_set_overrides_and_types():
+    r = load_recipe(sets=["train.lr=1e-5", "train.epochs=3", "data.train_subset=100", "data.eval_subset=null"])
+    assert r.train.lr == 1e-5 and isinstance(r.train.lr, float)
+    assert r.train.epochs == 3.0 and isinstance(r.train.epochs, float)
+    assert r.data.train_subset == 100 and r.data.eval_subset is None
+
+
+def test_precedence(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: 0.5\n  epochs: 2\n")
+    r = load_recipe(p, overrides={"train.epochs": 7.0, "train.seed": None}, sets=["train.lr=0.25"],
+                    base={"train.lr": 9.0, "train.batch_size": 4})
+    assert (r.train.lr, r.train.epochs, r.train.batch_size, r.train.seed) == (0.25, 7.0, 4, 42)
+
+
+def test_parse_override_yaml_scalars():
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a.b=[x, y]") == (["a", "b"], ["x", "y"])
+    assert parse_override("a.b=2e-3") == (["a", "b"], 2e-3)
+
+
+def test_dump_roundtrip():
+    import yaml
+
+    from squat_cli.recipe import recipe_from_dict
+
+    r = load_recipe(overrides={"quant.wbits": 3})
+    again = recipe_from_dict(yaml.safe_load(r.dump()))
+    assert again == r
