@@ -1,0 +1,123 @@
+"""Only the intended modules are quantized; the FP parts are untouched; other encoder families work."""
+
+import pytest
+import torch
+from transformers import DistilBertConfig, DistilBertForSequenceClassification, RobertaConfig
+from transformers import RobertaForSequenceClassification
+
+from squat_cli.quant.convert import calibrate, quantize_model
+from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, step_parameters
+from squat_cli.recipe import QuantConfig
+from tests.quant_helpers import batches, tiny_bert
+
+BERT_LAYER = [
+    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+    "intermediate.dense", "output.dense",
+]
+
+
+def test_bert_default_selection_and_untouched_fp_parts():
+    model = tiny_bert(layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = quantize_model(model, QuantConfig(method="lsq", wbits=2, abits=8))
+    assert names == [f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in BERT_LAYER]
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert name in names
+            assert isinstance(mod.wq, LsqQuantizer) and isinstance(mod.aq, LsqQuantizer)
+        elif isinstance(mod, torch.nn.Linear):
+            assert name in ("bert.pooler.dense", "classifier")
+    # every original tensor is still there with the same name and value; only step sizes were added
+    after = dict(model.named_parameters())
+    for n, v in before.items():
+        assert torch.equal(after[n], v), n
+    added = set(after) - set(before)
+    assert added == {f"{n}.wq.step" for n in names} | {f"{n}.aq.step" for n in names}
+    assert len(step_parameters(model)) == 2 * len(names)
+    # embeddings, LayerNorm, pooler, classifier stay as they were
+    assert type(model.bert.embeddings.word_embeddings) is torch.nn.Embedding
+    assert type(model.classifier) is torch.nn.Linear
+
+
+def test_weight_step_init_and_quantized_forward():
+    model = tiny_bert()
+    w = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    quantize_model(model, QuantConfig(method="lsq", wbits=2, abits=32))
+    q = model.bert.encoder.layer[0].attention.self.query
+    assert q.aq is None
+    assert q.wq.step.item() == (2 * w.abs().mean() / 1.0).item()
+    wq = q.quantized_weight().detach()
+    assert len(torch.unique(wq)) <= 4
+    levels = torch.unique(torch.round(wq / q.wq.step.detach()))
+    assert set(levels.tolist()) <= {-2.0, -1.0, 0.0, 1.0}
+
+
+def test_include_exclude_and_embeddings():
+    model = tiny_bert(layers=2)
+    cfg = QuantConfig(method="lsq", include=["*layer.1.*"], exclude=["*intermediate*"], quantize_embeddings=True)
+    names = quantize_model(model, cfg)
+    assert names == [f"bert.encoder.layer.1.{m}" for m in BERT_LAYER if m != "intermediate.dense"] + [
+        "bert.embeddings.word_embeddings"
+    ]
+    assert isinstance(model.bert.embeddings.word_embeddings, QuantEmbedding)
+    assert type(model.bert.embeddings.position_embeddings) is torch.nn.Embedding
+    out = model(**{k: v for k, v in batches(1)[0].items()})
+    assert torch.isfinite(out.loss)
+
+
+def test_per_channel_steps():
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(method="lsq", per_channel=True))
+    q = model.bert.encoder.layer[0].intermediate.dense
+    assert q.wq.step.shape == (32, 1)
+    assert torch.allclose(q.wq.step[:, 0], 2 * q.weight.detach().abs().mean(1) / 7**0.5)
+
+
+def test_distilbert_and_roberta():
+    torch.manual_seed(0)
+    d = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32))
+    names = quantize_model(d, QuantConfig(method="lsq"))
+    assert names == [f"distilbert.transformer.layer.0.{m}" for m in
+                     ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")]
+    assert type(d.pre_classifier) is torch.nn.Linear and type(d.classifier) is torch.nn.Linear
+    r = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40))
+    names = quantize_model(r, QuantConfig(method="lsq"))
+    assert names == [f"roberta.encoder.layer.0.{m}" for m in BERT_LAYER]
+    assert type(r.classifier.dense) is torch.nn.Linear
+    for model in (d, r):
+        b = batches(1)[0]
+        b.pop("token_type_ids", None)
+        calibrate(model, [b])
+        out = model(**b)
+        out.loss.backward()
+        assert all(p.grad is not None for p in step_parameters(model))
+
+
+def test_calibration_sets_activation_steps():
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(method="lsq", abits=8))
+    q = model.bert.encoder.layer[0].attention.self.query
+    seen = []
+    h = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().abs().max()))
+    bs = batches(3)
+    used = calibrate(model, bs, "max")
+    h.remove()
+    assert used == 3 and bool(q.aq.initialized)
+    assert q.aq.step.item() == pytest.approx(torch.stack(seen).max().item() / 127, rel=1e-6)
+
+
+def test_q8bert_and_ptq_and_fp_sam_conversion():
+    m = tiny_bert()
+    quantize_model(m, QuantConfig(method="q8bert", wbits=8, abits=8))
+    q = m.bert.encoder.layer[0].output.dense
+    assert isinstance(q.wq, MaxQuantizer) and isinstance(q.aq, MaxQuantizer)
+    assert step_parameters(m) == []
+    p = tiny_bert()
+    quantize_model(p, QuantConfig(method="ptq", wbits=4, ptq_step="mse"))
+    assert step_parameters(p) == []  # frozen steps
+    f = tiny_bert()
+    assert quantize_model(f, QuantConfig(method="fp-sam")) == []
