@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 42
     eval_strategy: Literal["epoch", "steps", "end"] = "epoch"
     eval_steps: int = 500
+    eval_at_start: bool = False
+    """Also evaluate before the first step (quantize: the converted model as it starts)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = 10
     group_by_length: bool = False
@@ -90,7 +92,9 @@ class QuantConfig:
     """Activation step init: max|x|/Qp, or LSQ's 2*mean|x|/sqrt(Qp)."""
     calib_batches: int = 4
     step_optimizer: Literal["sgd", "adam"] = "sgd"
-    step_lr: float = 1e-3
+    step_lr: float = 0.1
+    """Step-size learning rate. LSQ's gradient scale makes step gradients small (~1e-4 on BERT
+    weights), so SGD needs a far larger lr than Adam does for the weights; too small freezes the steps."""
     step_momentum: float = 0.0
     step_size_grad: Literal["fresh", "reuse"] = "fresh"
     """squat only: ``fresh`` = extra pass at w_{t+1}; ``reuse`` = next step's first pass."""
@@ -326,6 +330,7 @@ QUANTIZE_DEFAULTS: dict[str, Any] = {
     "train.epochs": 32.0,
     "train.warmup_ratio": 0.0,
     "train.weight_decay": 0.0,
+    "train.eval_at_start": True,
     "quant.method": "squat",
 }
 

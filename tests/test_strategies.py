@@ -213,7 +213,7 @@ def test_perturbation_has_norm_rho_and_is_restored():
     eps += [m_p - before[n] for n, m_p in m.named_parameters() if n in {k for k, _ in weight_parameters(m)}
             and not any(n == f"{ln}.weight" for ln, _ in quant_layers(m))]
     total = torch.sqrt(sum((e.double() ** 2).sum() for e in eps))
-    assert float(total) == pytest.approx(0.25, rel=1e-4)
+    assert float(total.detach()) == pytest.approx(0.25, rel=1e-4)
     p.restore()
     assert all(torch.equal(before[n], q) for n, q in _params(m).items())
     assert all(layer.eps is None for _, layer in quant_layers(m))

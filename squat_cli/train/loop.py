@@ -6,8 +6,10 @@ strategy object (``strategies.py``) that turns a batch into updates.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -78,7 +80,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, task: GlueTask, dev: dict[str, Encoded], batch_size: int, pad_id: int,
-    device: torch.device, autocast: Callable = torch.autocast,
+    device: torch.device, autocast: Callable = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Main and auxiliary metrics on every dev split, plus the mean dev loss (``eval_loss``)."""
     was_training = model.training
@@ -186,6 +188,8 @@ def fit(
         reporter.message(f"step {step} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
 
     try:
+        if t.eval_at_start:
+            run_eval(0.0)
         for epoch in range(n_epochs):
             loader.sampler.set_epoch(epoch)
             for batch in loader:
@@ -195,7 +199,9 @@ def fit(
                 loss = strategy.step(batch)
                 w_sched.step()
                 if s_sched is not None:
-                    s_sched.step()
+                    with warnings.catch_warnings():  # squat/reuse makes no s step on its first step
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        s_sched.step()
                 step += 1
                 seen += len(batch["labels"])
                 recent.append(loss)

@@ -1,0 +1,112 @@
+"""`squat quantize` end to end on a tiny BERT: run folder, reload, every method, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from squat_cli.cli import app
+from squat_cli.jobs import load_run_model
+from squat_cli.runs import RunDir
+from squat_cli.train.loop import evaluate
+
+runner = CliRunner()
+FAST = ["--set", "data.train_subset=48", "--set", "data.eval_subset=40", "--set", "train.batch_size=16",
+        "--set", "train.max_steps=3", "--set", "quant.calib_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, glue_dir, tiny_bert):
+    root = tmp_path_factory.mktemp("qruns")
+    res = runner.invoke(app, ["finetune", "--task", "rte", "--model", str(tiny_bert), "--data-dir", str(glue_dir),
+                              "--out", str(root), *FAST, "--set", "train.eval_strategy=end"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def _quantize(root, glue_dir, *args):
+    return runner.invoke(app, ["quantize", "--task", "rte", "--data-dir", str(glue_dir), "--out", str(root),
+                               *FAST, *args])
+
+
+def test_quantized_run_folder_and_reload(runs, glue_dir):
+    res = _quantize(runs, glue_dir, "--method", "lsq", "--wbits", "4", "--abits", "8")
+    assert res.exit_code == 0, res.output
+    run = RunDir(runs / "rte" / "lsq-w4a8" / "seed42")
+    files = {p.name for p in run.path.iterdir()}
+    assert {"recipe.yaml", "metrics.json", "metrics.jsonl", "environment.json", "model", "quantizer.safetensors"} <= files
+    m = run.metrics()
+    assert (m["method"], m["wbits"], m["abits"], m["steps"], m["quantized_modules"]) == ("lsq", 4, 8, 3, 12)
+    assert m["from"] == str(runs / "rte" / "fp" / "seed42") and "accuracy" in m["fp_metrics"]
+    hist = run.history()
+    assert [h["step"] for h in hist] == [0, 3]  # the converted model is evaluated before training too
+    assert m["mean_wstep_final"] != m["mean_wstep_init"]  # the step sizes learned
+    with safe_open(str(run.quantizer_file), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["wbits"] == "4" and len(json.loads(f.metadata()["modules"])) == 12
+    assert sum(k.endswith("wq.step") for k in keys) == 12 and sum(k.endswith("aq.step") for k in keys) == 12
+    with safe_open(str(run.model_dir / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if ".wq." in k or ".aq." in k]
+    # reload: same dev metrics, exactly
+    model, tok, recipe, task = load_run_model(run)
+    from squat_cli.jobs import load_task_data
+
+    data = load_task_data(recipe, tok, need_train=False)
+    again = evaluate(model, task, data.dev, 16, tok.pad_token_id, torch.device("cpu"))
+    assert again["accuracy"] == m["accuracy"]
+    assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
+    q = model.bert.encoder.layer[0].attention.self.query
+    assert q.wq.bits == 4 and bool(q.aq.initialized)
+
+
+@pytest.mark.parametrize(
+    "method,args,variant",
+    [
+        ("squat", ["--wbits", "2", "--rho", "0.05"], "squat-w2a8"),
+        ("squat", ["--wbits", "3", "--set", "quant.step_size_grad=reuse"], "squat-w3a8"),
+        ("joint", ["--wbits", "2"], "joint-w2a8"),
+        ("fp-sam", [], "fp-sam-w32a32"),
+        ("q8bert", ["--wbits", "8", "--abits", "8"], "q8bert-w8a8"),
+        ("ptq", ["--wbits", "4"], "ptq-w4a8"),
+    ],
+)
+def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
+    res = _quantize(runs, glue_dir, "--method", method, *args)
+    assert res.exit_code == 0, res.output
+    run = RunDir(runs / "rte" / variant / "seed42")
+    m = run.metrics()
+    assert m["method"] == method and 0 <= m["accuracy"] <= 1
+    assert m["steps"] == (0 if method == "ptq" else 3)
+    assert run.quantizer_file.is_file() == (method != "fp-sam")
+    model, *_ = load_run_model(run)
+    assert model is not None
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--wbits", "9"], "quant.wbits: 9 is outside 2..8"),
+        (["--wbits", "1"], "quant.wbits: 1 is outside 2..8"),
+        (["--abits", "1"], "quant.abits: 1 is outside 2..32"),
+        (["--abits", "33"], "quant.abits: 33 is outside 2..32"),
+        (["--rho", "-0.1"], "sam.rho: -0.1 must be >= 0"),
+        (["--method", "magic"], "quant.method: 'magic' is not valid; expected one of lsq, joint, squat"),
+        (["--seed", "5"], "no FP run at"),
+        (["--from", "/no/such/run"], "no FP run at /no/such/run"),
+    ],
+)
+def test_bad_input(runs, glue_dir, args, message):
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    res = _quantize(runs, glue_dir, *args)
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert len(out.splitlines()) == 1 and message in out and "Traceback" not in out
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # nothing written
+
+
+def test_wrong_task_source(runs, glue_dir):
+    res = runner.invoke(app, ["quantize", "--task", "mrpc", "--data-dir", str(glue_dir), "--out", str(runs),
+                              "--from", str(runs / "rte" / "fp" / "seed42"), *FAST])
+    assert res.exit_code == 2 and "is for task rte, not mrpc" in res.output
