@@ -135,6 +135,89 @@ def quantize(
     _summary("quantize", res.metrics, res.run.path, res.skipped)
 
 
+@app.command(epilog="Example: squat sharpness --rho 0.05 --out runs")
+def sharpness(
+    rho: float = typer.Option(..., "--rho", help="Radius of the L2 ball (paper: 0.01 and 0.05)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Measure this run folder only."),
+    out: Path = OutOpt,
+    method: str = typer.Option("ascent", "--method", help="ascent (Algorithm 2) or keskar (L-BFGS-B in a box)."),
+    steps: int = typer.Option(10, "--steps", help="Ascent steps."),
+    lr: float = typer.Option(0.1, "--lr", help="Ascent learning rate."),
+    examples: int = typer.Option(256, "--examples", help="Examples the loss is measured on."),
+    split: str = typer.Option("train", "--split", help="train or dev."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the example sample (and keskar's subspace)."),
+    subspace: int = typer.Option(10, "--subspace", help="keskar: random subspace dimension."),
+    data_dir: Optional[Path] = DataOpt,
+    force: bool = typer.Option(False, "--force", help="Measure again runs that already have this score."),
+) -> None:
+    """Measure how flat each trained model is; scores go to sharpness.json in each run folder."""
+    from squat_cli import jobs
+    from squat_cli.progress import RichReporter
+    from squat_cli.sharpness import SharpnessSettings
+
+    if rho <= 0:
+        _fail(f"--rho: {rho} must be > 0")
+    if method not in ("ascent", "keskar"):
+        _fail(f"--method: {method!r} is not one of ascent, keskar")
+    if split not in ("train", "dev"):
+        _fail(f"--split: {split!r} is not one of train, dev")
+    for name, value in (("--steps", steps), ("--examples", examples), ("--subspace", subspace)):
+        if value <= 0:
+            _fail(f"{name}: {value} must be > 0")
+    if lr <= 0:
+        _fail(f"--lr: {lr} must be > 0")
+    settings = SharpnessSettings(rho=rho, method=method, steps=steps, lr=lr, examples=examples, split=split,
+                                 seed=seed, subspace=subspace)
+    todo = _run(jobs.sharpness_runs, out, run, settings, force)
+    if not todo:
+        console.print(f"nothing to measure: every complete run under {out} has {settings.key()}")
+        return
+    table = Table(title=f"sharpness ({settings.key()})")
+    for col in ("run", "score", "L(W0)", "L(W_T)"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for r in todo:
+        e = _run(jobs.measure_sharpness, r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+        table.add_row(f"{r.task}/{r.variant}/seed{r.seed}", f"{e['score']:.5f}", f"{e['loss0']:.4f}",
+                      f"{e['loss_final']:.4f}")
+    console.print(table)
+
+
+@app.command(epilog="Example: squat report --out runs --reports reports")
+def report(
+    out: Path = OutOpt,
+    reports: Path = typer.Option(Path("reports"), "--reports", help="Folder for tables and figures."),
+) -> None:
+    """Tables 1-4 (CSV, Markdown) and Figures 2-3 (PNG) from every run folder, beside the paper's numbers."""
+    from squat_cli.report.build import write_report
+
+    if not out.is_dir():
+        _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
+    rep = _run(write_report, out, reports)
+    print_report(rep)
+
+
+def print_report(rep) -> None:
+    from squat_cli.report.tables import cell_text
+
+    if rep.header:
+        console.print("[bold yellow]This grid differs from the paper's setup:[/]")
+        for line in rep.header:
+            console.print(f"  - {line}", highlight=False)
+    t1 = rep.tables[0]
+    table = Table(title=t1.title)
+    table.add_column("method")
+    table.add_column("W/A")
+    shown = [c for c in t1.columns if not t1.frame.empty and t1.frame[f"{c}_n"].sum() > 0]
+    for c in shown:
+        table.add_column(c, justify="right")
+    for _, row in t1.frame.iterrows():
+        table.add_row(row["method"], row["W/A"], *[cell_text(row, c, 2) for c in shown])
+    console.print(table)
+    for where, why in rep.skipped:
+        err_console.print(f"skipped {where}: {why}", highlight=False)
+    console.print(f"report: {rep.folder / 'report.md'}; figures: {', '.join(str(p) for p in rep.figures) or 'none'}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -217,3 +217,66 @@ def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
     model.to(device)
     model.eval()
     return model, tokenizer, recipe, task
+
+
+def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: bool) -> list[RunDir]:
+    """The runs to measure: ``run_path`` alone, or every complete run without a score for these settings."""
+    from squat_cli.runs import discover, read_json
+
+    if run_path is not None:
+        run = RunDir(Path(run_path))
+        if not run.path.is_dir():
+            raise RunError(f"no run folder at {run.path}")
+        if not run.is_complete():
+            raise RunError(f"{run.path} is not a complete run (no metrics.json)")
+        return [run]
+    todo = []
+    for run in discover(runs_root):
+        if not run.is_complete() or not (run.model_dir / "config.json").is_file():
+            continue
+        if not force and run.sharpness_file.is_file():
+            try:
+                if settings.key() in read_json(run.sharpness_file):
+                    continue
+            except RunError:
+                pass  # unreadable: measure again and rewrite
+        todo.append(run)
+    return todo
+
+
+def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
+    """Score one run and store it in its ``sharpness.json`` under ``settings.key()``."""
+    from squat_cli.data import eval_loader
+    from squat_cli.runs import read_json
+    from squat_cli.sharpness import ascent_sharpness, keskar_sharpness
+
+    model, tokenizer, recipe, task = load_run_model(run)
+    d = recipe.data
+    source_dir = resolve_data_dir(data_dir or d.data_dir)
+    split = settings.split if settings.split == "train" else task.dev_splits[0]
+    ex = subset(load_split(task, split, source_dir, d.source), settings.examples, settings.seed)
+    enc = encode(ex, tokenizer, d.max_seq_length, task.is_regression)
+    loader, _ = eval_loader(enc, settings.batch_size, tokenizer.pad_token_id)
+    batches = list(loader)
+    torch.manual_seed(settings.seed)
+    if settings.method == "keskar":
+        res = keskar_sharpness(model, batches, settings.rho, settings.subspace, settings.maxiter, settings.seed)
+    else:
+        rep = reporter or Reporter()
+        rep.start(settings.steps, f"sharpness {run.task}/{run.variant}/seed{run.seed}")
+        try:
+            res = ascent_sharpness(model, batches, settings.rho, settings.steps, settings.lr,
+                                   on_step=lambda t, loss: rep.update(t, loss=loss, ex_s=0.0))
+        finally:
+            rep.stop()
+    entry = {"score": res.score, "loss0": res.loss0, "loss_final": res.loss_final, "delta_norm": res.delta_norm,
+             "trajectory": res.trajectory, "settings": settings.to_dict()}
+    current = {}
+    if run.sharpness_file.is_file():
+        try:
+            current = read_json(run.sharpness_file)
+        except RunError:
+            current = {}
+    current[settings.key()] = entry
+    write_json(run.sharpness_file, current)
+    return entry

@@ -1,0 +1,75 @@
+"""Read every run folder into one long table; say which runs were skipped and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from squat_cli.errors import SquatError
+from squat_cli.glue import TASKS
+from squat_cli.runs import RunDir, discover, parse_variant, read_json
+
+SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
+
+
+@dataclass
+class Collected:
+    results: pd.DataFrame
+    """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0."""
+    recipes: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def collect(root: Path) -> Collected:
+    rows: list[dict[str, Any]] = []
+    recipes: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for run in discover(root):
+        where = str(run.path)
+        try:
+            method, wbits, abits = parse_variant(run.variant)
+        except SquatError as exc:
+            skipped.append((where, str(exc)))
+            continue
+        if run.task not in TASKS:
+            skipped.append((where, f"unknown task folder {run.task!r}"))
+            continue
+        if run.is_failed():
+            skipped.append((where, "failed (FAILED.json)"))
+            continue
+        if not run.is_complete():
+            skipped.append((where, "incomplete (no metrics.json)"))
+            continue
+        try:
+            metrics = run.metrics()
+            if not isinstance(metrics, dict):
+                raise SquatError(f"{run.metrics_file}: not a JSON object")
+        except SquatError as exc:
+            skipped.append((where, str(exc)))
+            continue
+        task = TASKS[run.task]
+        missing = [k for k in task.metric_names() if not isinstance(metrics.get(k), (int, float))]
+        if missing:
+            skipped.append((where, f"metrics.json lacks {', '.join(missing)}"))
+            continue
+        base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
+        for k in task.metric_names():
+            rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None})
+        if run.sharpness_file.is_file():
+            try:
+                sharp = read_json(run.sharpness_file)
+                for key, entry in sharp.items():
+                    rows.append({**base, "metric": f"sharpness:{key}", "value": float(entry["score"]),
+                                 "loss0": float(entry["loss0"])})
+            except (SquatError, KeyError, TypeError, ValueError, AttributeError):
+                skipped.append((str(run.sharpness_file), "unreadable sharpness.json (metrics still used)"))
+        try:
+            recipes.append({**base, "recipe": yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}})
+        except (OSError, yaml.YAMLError):
+            recipes.append({**base, "recipe": {}})
+    cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0"]
+    return Collected(pd.DataFrame(rows, columns=cols), recipes, skipped)

@@ -1,0 +1,86 @@
+"""Figure 2 (sharpness, SQuAT vs LSQ per task) and Figure 3 (joint and SQuAT minus LSQ per task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from squat_cli.glue import PAPER_TASKS, TASKS
+from squat_cli.runs import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def _bars(ax, tasks, series: dict[str, tuple[list[float], list[float]]]) -> None:
+    x = np.arange(len(tasks))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, (vals, errs)) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=errs, label=label, capsize=2)
+    ax.set_xticks(x, [TASKS[t].display for t in tasks], rotation=30)
+
+
+def figure2(agg: pd.DataFrame, path: Path, key: str = "ascent/rho=0.05") -> bool:
+    """Sharpness of SQuAT vs LSQ per task, one panel per weight bit-width. False if nothing to draw."""
+    plt = _plt()
+    data = agg[(agg.metric == f"sharpness:{key}") & agg.method.isin(["lsq", "squat"])]
+    if data.empty:
+        return False
+    bits = sorted(data.wbits.unique())
+    fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.5), squeeze=False)
+    tasks = [t for t in PAPER_TASKS if t in set(data.task)]
+    for ax, b in zip(axes[0], bits):
+        series = {}
+        for method, label in (("lsq", "LSQ"), ("squat", "SQuAT")):
+            d = data[(data.method == method) & (data.wbits == b)].set_index("task")
+            series[label] = ([d["mean"].get(t, np.nan) for t in tasks], [np.nan_to_num(d["std"].get(t, 0.0)) for t in tasks])
+        _bars(ax, tasks, series)
+        ax.set_title(f"W{b}: sharpness ({key.split('/')[1]})")
+        ax.set_ylabel("L(W_T) - L(W_0)  (lower is flatter)")
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def figure3(agg: pd.DataFrame, path: Path) -> bool:
+    """Joint and SQuAT minus LSQ on each task's main metric (LSQ is the zero line)."""
+    plt = _plt()
+    main = agg[[m == TASKS[t].main_metric for t, m in zip(agg.task, agg.metric)]] if not agg.empty else agg
+    lsq = main[main.method == "lsq"]
+    others = main[main.method.isin(["joint", "squat"])]
+    if lsq.empty or others.empty:
+        return False
+    bits = sorted(set(lsq.wbits) & set(others.wbits))
+    if not bits:
+        return False
+    fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.5), squeeze=False)
+    tasks = [t for t in PAPER_TASKS if t in set(lsq.task)]
+    for ax, b in zip(axes[0], bits):
+        base = lsq[lsq.wbits == b].set_index("task")["mean"]
+        series = {}
+        for method, label in (("joint", "Joint − LSQ"), ("squat", "SQuAT (alternate) − LSQ")):
+            d = others[(others.method == method) & (others.wbits == b)].set_index("task")["mean"]
+            if not d.empty:
+                series[label] = ([d.get(t, np.nan) - base.get(t, np.nan) for t in tasks], [0.0] * len(tasks))
+        _bars(ax, tasks, series)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"W{b}A8: difference from LSQ")
+        ax.set_ylabel("main metric − LSQ (points)")
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return True

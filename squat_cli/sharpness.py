@@ -1,0 +1,191 @@
+"""Sharpness of a trained model (paper Appendix C, Algorithm 2), and a Keskar-style variant.
+
+Which tensors are perturbed: the weight matrices of the encoder's linear layers
+that the quantizer covers by default (Q, K, V, attention output, FFN in and out
+of every layer), as the forward pass uses them. For a quantized run that is the
+quantized weight Q(w, s) (step sizes fixed, biases, LayerNorm, embeddings and
+classifier untouched); for an FP run the same matrices in full precision. So
+FP, LSQ and SQuAT runs are measured over the same set of tensors.
+
+Algorithm 2 (``method="ascent"``), with L the mean loss over a fixed set of
+examples (evaluation mode, no dropout: deterministic):
+
+    delta_0 = 0
+    delta_{t+1} = delta_t + lr * grad L(W0 + delta_t)
+    if ||delta_{t+1}|| > rho: delta_{t+1} = rho * delta_{t+1} / ||delta_{t+1}||
+    sharpness = L(W0 + delta_T) - L(W0)
+
+Keskar et al. (``method="keskar"``), as in Mehta et al.'s code: maximise
+L(W0 + A y) with L-BFGS-B over the box |y_i| <= rho * (|(A^+ W0)_i| + 1), A a
+random n x p matrix with orthonormal columns (so A^+ = A^T), and report
+100 * (max L - L(W0)) / (1 + L(W0)). ``rho`` plays the role of Keskar's epsilon.
+The search runs in box-normalised coordinates with the objective rescaled by its
+initial gradient, so that L-BFGS-B's first step reaches the box edge even near a
+minimum, where the raw gradient is tiny.
+
+Near a sharp minimum the raw gradient is also tiny for Algorithm 2: the ascent
+``lr`` must be large enough for the iterates to reach the ball's edge; the
+``trajectory`` and ``delta_norm`` stored with every score show whether they did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from squat_cli.quant.convert import select_linear
+from squat_cli.quant.qlinear import QuantLinear
+from squat_cli.recipe import QuantConfig
+
+
+@dataclass
+class SharpnessSettings:
+    rho: float
+    method: str = "ascent"
+    steps: int = 10
+    lr: float = 0.1
+    examples: int = 256
+    split: str = "train"
+    seed: int = 0
+    batch_size: int = 64
+    subspace: int = 10
+    """keskar only: dimension p of the random subspace."""
+    maxiter: int = 10
+    """keskar only: L-BFGS-B iterations."""
+
+    def key(self) -> str:
+        return f"{self.method}/rho={self.rho:g}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SharpnessResult:
+    score: float
+    loss0: float
+    loss_final: float
+    delta_norm: float
+    trajectory: list[float]
+
+
+def target_layers(model: nn.Module) -> list[QuantLinear]:
+    """The layers whose weights are perturbed; FP ``nn.Linear`` layers are wrapped (identity quantizer)."""
+    present = [m for _, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if present:
+        return [m for m in present]
+    default = QuantConfig()
+    layers = []
+    for name in select_linear(model, default.include, default.exclude):
+        lin = model.get_submodule(name)
+        q = QuantLinear.from_linear(lin, nn.Identity(), None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        layers.append(q)
+    return layers
+
+
+class _Objective:
+    """L(W0 + delta) over fixed batches, and its gradient with respect to delta."""
+
+    def __init__(self, model: nn.Module, batches: list[dict], layers: list[QuantLinear]):
+        self.model, self.batches, self.layers = model, batches, layers
+        self.n = sum(len(b["labels"]) for b in batches)
+
+    def __call__(self, deltas: list[torch.Tensor], grad: bool) -> tuple[float, Optional[list[torch.Tensor]]]:
+        leaves = [d.detach().clone().requires_grad_(grad) for d in deltas]
+        for layer, d in zip(self.layers, leaves):
+            layer.eps = d
+        total = 0.0
+        try:
+            for b in self.batches:
+                with torch.set_grad_enabled(grad):
+                    loss = self.model(**b).loss * (len(b["labels"]) / self.n)
+                    if grad:
+                        loss.backward()
+                total += float(loss.detach())
+        finally:
+            for layer in self.layers:
+                layer.eps = None
+        return total, ([d.grad.detach().clone() for d in leaves] if grad else None)
+
+
+def _norm(ts: Iterable[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in ts))
+
+
+def ascent_sharpness(
+    model: nn.Module, batches: list[dict], rho: float, steps: int, lr: float,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> SharpnessResult:
+    """Algorithm 2: projected gradient ascent in the L2 ball of radius ``rho`` around the weights."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = target_layers(model)
+    objective = _Objective(model, batches, layers)
+    with torch.no_grad():
+        w0 = [layer.quantized_weight().detach() for layer in layers]
+    deltas = [torch.zeros_like(w) for w in w0]
+    loss0, _ = objective(deltas, grad=False)
+    trajectory = [loss0]
+    for t in range(steps):
+        _, grads = objective(deltas, grad=True)
+        deltas = [d + lr * g for d, g in zip(deltas, grads)]
+        norm = _norm(deltas)
+        if norm > rho:
+            deltas = [d * (rho / norm) for d in deltas]
+        loss_t, _ = objective(deltas, grad=False)
+        trajectory.append(loss_t)
+        if on_step:
+            on_step(t + 1, loss_t)
+    return SharpnessResult(trajectory[-1] - loss0, loss0, trajectory[-1], _norm(deltas), trajectory)
+
+
+def keskar_sharpness(
+    model: nn.Module, batches: list[dict], rho: float, subspace: int, maxiter: int, seed: int,
+) -> SharpnessResult:
+    """Keskar et al.'s sharpness in a random ``subspace``-dimensional subspace (L-BFGS-B in a box)."""
+    from scipy.optimize import minimize
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = target_layers(model)
+    objective = _Objective(model, batches, layers)
+    with torch.no_grad():
+        w0 = torch.cat([layer.quantized_weight().detach().flatten() for layer in layers])
+    shapes = [layer.weight.shape for layer in layers]
+    sizes = [s.numel() for s in shapes]
+    gen = torch.Generator().manual_seed(seed)
+    a, _ = torch.linalg.qr(torch.randn(w0.numel(), subspace, generator=gen))  # orthonormal columns
+    bound = rho * ((a.T @ w0).abs() + 1.0)
+
+    def split(flat: torch.Tensor) -> list[torch.Tensor]:
+        return [c.reshape(s) for c, s in zip(torch.split(flat, sizes), shapes)]
+
+    loss0, grads0 = objective(split(torch.zeros_like(w0)), grad=True)
+    g0 = (a.T @ torch.cat([x.flatten() for x in grads0])) * bound
+    # Optimise over z = y / bound in [-1, 1]^p, the objective scaled so that the first L-BFGS-B step
+    # (along the gradient, unit Hessian) spans the box even where the gradient is tiny (near a minimum).
+    scale = 1.0 / max(float(g0.abs().max()), 1e-12)
+    trajectory = [loss0]
+
+    def neg(z: np.ndarray) -> tuple[float, np.ndarray]:
+        y = torch.from_numpy(z).to(w0.dtype) * bound
+        loss, grads = objective(split(a @ y), grad=True)
+        trajectory.append(loss)
+        g = (a.T @ torch.cat([x.flatten() for x in grads])) * bound
+        return -loss * scale, -(g * scale).double().numpy()
+
+    res = minimize(neg, np.zeros(subspace), jac=True, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * subspace,
+                   options={"maxiter": maxiter, "gtol": 0.0, "ftol": 0.0})
+    delta = a @ (torch.from_numpy(res.x).to(w0.dtype) * bound)
+    best = max(trajectory)
+    score = 100.0 * (best - loss0) / (1.0 + loss0)
+    return SharpnessResult(score, loss0, best, float(delta.norm()), trajectory)

@@ -1,0 +1,114 @@
+"""Report tables from synthetic run folders with known metrics: exact means and stds, '-' for missing."""
+
+import json
+import statistics
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from squat_cli.cli import app
+from squat_cli.report.build import write_report
+from squat_cli.report.paper import paper_value
+
+runner = CliRunner()
+
+
+def make_run(root, task, variant, seed, metrics, recipe=None, sharp=None):
+    d = root / task / variant / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"task": task, **metrics}))
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe or {"model": {"name_or_path": "bert-base-uncased"}}))
+    if sharp:
+        (d / "sharpness.json").write_text(json.dumps(sharp))
+    return d
+
+
+@pytest.fixture
+def grid(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "cola", "fp", 1, {"matthews_correlation": 0.55})
+    for seed, v in zip((1, 2, 3), (0.50, 0.52, 0.57)):
+        make_run(root, "cola", "lsq-w2a8", seed, {"matthews_correlation": v},
+                 sharp={"ascent/rho=0.05": {"score": 0.2 + seed / 100, "loss0": 0.3},
+                        "ascent/rho=0.01": {"score": 0.04, "loss0": 0.3}})
+    for seed, v in zip((1, 2), (0.53, 0.54)):
+        make_run(root, "cola", "squat-w2a8", seed, {"matthews_correlation": v},
+                 sharp={"ascent/rho=0.05": {"score": 0.1, "loss0": 0.35}})
+    make_run(root, "mrpc", "squat-w2a8", 1, {"accuracy": 0.84, "f1": 0.889})
+    make_run(root, "cola", "joint-w2a8", 1, {"matthews_correlation": 0.49})
+    # damaged runs
+    (root / "rte" / "lsq-w2a8" / "seed1").mkdir(parents=True)  # incomplete
+    bad = make_run(root, "sst2", "lsq-w2a8", 1, {"accuracy": 0.9})
+    (bad / "metrics.json").write_text("{not json")
+    make_run(root, "sst2", "lsq-w4a8", 1, {"loss": 1.0})  # metric missing
+    return root
+
+
+def test_means_stds_and_missing(grid, tmp_path):
+    rep = write_report(grid, tmp_path / "reports")
+    t1 = rep.tables[0].frame.set_index(["method", "W/A"])
+    lsq = t1.loc[("LSQ", "2/8")]
+    assert lsq["CoLA"] == pytest.approx(statistics.mean([50, 52, 57]))
+    assert lsq["CoLA_std"] == pytest.approx(statistics.stdev([50, 52, 57]))
+    assert lsq["CoLA_n"] == 3
+    assert lsq["CoLA_paper"] == 51.3 and lsq["CoLA_diff"] == pytest.approx(53.0 - 51.3)
+    sq = t1.loc[("SQuAT", "2/8")]
+    assert sq["CoLA"] == pytest.approx(53.5) and sq["CoLA_std"] == pytest.approx(statistics.stdev([53, 54]))
+    assert sq["MRPC"] == pytest.approx(84.0) and sq["MRPC_n"] == 1
+    assert t1.loc[("FP32", "32/32")]["CoLA"] == pytest.approx(55.0)
+    assert t1.loc[("Joint", "2/8")]["CoLA_paper"] is None or str(t1.loc[("Joint", "2/8")]["CoLA_paper"]) == "nan"
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| LSQ | 2/8"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "53.00 ± 3.61 (n=3) · paper 51.3 (Δ +1.70)"
+    assert cells[3] == "- · paper 92.2"  # SST-2: no valid run, paper number still shown
+    sq_row = next(line for line in md.splitlines() if line.startswith("| SQuAT | 2/8"))
+    assert "84.00 (n=1) · paper 84 (Δ +0.00)" in sq_row
+    t2 = rep.tables[1].frame.set_index(["method", "W/A"])
+    assert t2.loc[("SQuAT", "2/8")]["MRPC F1"] == pytest.approx(88.9)
+    assert t2.loc[("SQuAT", "2/8")]["MRPC F1_paper"] == 88.9
+    t4 = rep.tables[3].frame.set_index(["method", "W/A"])
+    assert t4.loc[("LSQ", "2/8")]["CoLA"] == pytest.approx(statistics.mean([0.21, 0.22, 0.23]))
+    assert t4.loc[("LSQ", "2/8")]["CoLA_loss0"] == pytest.approx(0.3)
+    assert t4.loc[("LSQ", "2/8")]["CoLA_paper"] == pytest.approx(0.23983)
+    t3 = rep.tables[2].frame.set_index(["method", "W/A"])
+    assert t3.loc[("SQuAT", "2/8")]["CoLA_n"] == 0  # no rho=0.01 score for SQuAT runs
+    csv = (tmp_path / "reports" / "table1.csv").read_text().splitlines()
+    assert csv[0].startswith("method,W/A,CoLA,CoLA_std,CoLA_n,CoLA_paper,CoLA_diff")
+    reasons = dict(rep.skipped)
+    assert reasons[str(grid / "rte" / "lsq-w2a8" / "seed1")] == "incomplete (no metrics.json)"
+    assert "not valid JSON" in reasons[str(grid / "sst2" / "lsq-w2a8" / "seed1")]
+    assert reasons[str(grid / "sst2" / "lsq-w4a8" / "seed1")] == "metrics.json lacks accuracy"
+    assert {p.name for p in rep.figures} == {"fig2_sharpness.png", "fig3_joint_vs_alternate.png"}
+    for p in rep.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert "Skipped runs" in text and "tasks: cola, mrpc only" in text
+
+
+def test_paper_numbers_shipped():
+    assert paper_value("table1", "squat", 3, "mrpc", "accuracy") == 86.2
+    assert paper_value("table1", "fp", 32, "mnli", "accuracy") == 84.34
+    assert paper_value("table2", "lsq", 4, "mnli", "accuracy_mm") == 84.7
+    assert paper_value("table3", "squat", 4, "rte", "sharpness") == 0.03905
+    assert paper_value("table4", "lsq", 3, "qqp", "sharpness") == 0.07237
+    assert paper_value("table1", "q8bert", 8, "rte", "accuracy") == 68.8
+    assert paper_value("table1", "lsq", 2, "mnli", "accuracy") == 83.6
+    assert paper_value("table1", "joint", 2, "cola", "matthews_correlation") is None
+
+
+def test_report_cli_prints_table1(grid, tmp_path):
+    res = runner.invoke(app, ["report", "--out", str(grid), "--reports", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "Table 1" in res.output and "53.00 ± 3.61 (n=3)" in res.output
+    assert "skipped" in res.output and "differs from the paper" in res.output
+
+
+def test_report_empty_and_missing(tmp_path):
+    res = runner.invoke(app, ["report", "--out", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "runs folder" in res.output and "does not exist" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["report", "--out", str(tmp_path / "empty"), "--reports", str(tmp_path / "r")])
+    assert res.exit_code == 0
+    assert "No runs." in (tmp_path / "r" / "table1.md").read_text()
