@@ -196,6 +196,48 @@ def report(
     print_report(rep)
 
 
+@app.command(epilog="Example: squat sweep recipes/demo.yaml --data-dir glue/ --shard 0/2")
+def sweep(
+    recipe: Path = typer.Argument(..., help="Grid recipe (recipes/paper.yaml, recipes/demo.yaml)."),
+    out: Path = OutOpt,
+    data_dir: Optional[Path] = DataOpt,
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run worker i's share of n (chains by task and seed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan with each job's status; run nothing."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again jobs marked failed."),
+    reports: Path = typer.Option(Path("reports"), "--reports", help="Where the report goes after the sweep."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not write the report at the end."),
+) -> None:
+    """Run a whole grid (FP runs, quantized runs, sharpness) in dependency order; finished work is skipped."""
+    from squat_cli import sweep as S
+    from squat_cli.progress import RichReporter
+
+    grid = _run(S.load_grid, recipe)
+    i, n = _run(S.parse_shard, shard)
+    jobs = S.shard(S.plan(grid), i, n)
+    dd = str(data_dir) if data_dir else None
+    if dry_run:
+        table = Table(title=f"plan: {len(jobs)} jobs" + (f" (shard {i}/{n})" if n > 1 else ""))
+        table.add_column("#", justify="right")
+        table.add_column("job")
+        table.add_column("status")
+        for k, (job_id, status) in enumerate(S.describe(jobs, out, grid.sharpness.method), 1):
+            table.add_row(str(k), job_id, status)
+        console.print(table)
+        return
+    res = _run(S.run_sweep, grid, out, jobs, dd, retry_failed, lambda: RichReporter(err_console),
+               lambda msg: err_console.print(msg, highlight=False))
+    console.print(f"sweep: {len(res.ran)} ran, {len(res.skipped)} already done or waiting, "
+                  f"{len(res.failed)} failed, {len(res.busy)} running elsewhere")
+    for job_id, why in res.failed:
+        err_console.print(f"failed {job_id}: {why}", highlight=False)
+    if not no_report and out.is_dir():
+        from squat_cli.report.build import write_report
+
+        print_report(_run(write_report, out, reports))
+    if res.failed:
+        raise typer.Exit(1)
+
+
 def print_report(rep) -> None:
     from squat_cli.report.tables import cell_text
 

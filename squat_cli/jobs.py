@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
-from squat_cli.errors import RunError, SquatError
+from squat_cli.errors import DivergenceError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.models import load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
@@ -84,7 +84,11 @@ def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dic
     return out
 
 
-def _cleanup_on_error(run: RunDir) -> None:
+def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
+    """A diverged run is kept and marked failed; any other failure before a checkpoint leaves no folder."""
+    if isinstance(exc, DivergenceError) and run.path.exists():
+        write_json(run.failed_file, {"error": str(exc)})
+        return
     if run.path.exists() and not run.is_complete() and not run.checkpoint_dir.exists():
         shutil.rmtree(run.path, ignore_errors=True)
         for parent in (run.path.parent, run.path.parent.parent):
@@ -117,8 +121,8 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
         metrics = _final_metrics(task, result, data, {"method": "fp", "wbits": 32, "abits": 32,
                                                      "seed": recipe.train.seed, "model": recipe.model.name_or_path})
         write_json(run.metrics_file, metrics)
-    except BaseException:
-        _cleanup_on_error(run)
+    except BaseException as exc:
+        _cleanup_on_error(run, exc)
         raise
     return JobResult(run, metrics)
 
@@ -191,8 +195,8 @@ def quantize(
         extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
         metrics = _final_metrics(task, result, data, extra)
         write_json(run.metrics_file, metrics)
-    except BaseException:
-        _cleanup_on_error(run)
+    except BaseException as exc:
+        _cleanup_on_error(run, exc)
         raise
     return JobResult(run, metrics)
 

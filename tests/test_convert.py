@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from transformers import DistilBertConfig, DistilBertForSequenceClassification, RobertaConfig
-from transformers import RobertaForSequenceClassification
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from squat_cli.quant.convert import calibrate, quantize_model
 from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer

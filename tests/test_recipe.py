@@ -16,9 +16,14 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
 def test_every_recipe_loads(path):
-    r = load_recipe(path)
-    assert isinstance(r, Recipe)
-    assert r.sam.rho is not None and r.sam.rho >= 0
+    from squat_cli.sweep import is_grid_recipe, load_grid, plan
+
+    if is_grid_recipe(path):
+        assert plan(load_grid(path))  # validates every recipe the grid would run
+    else:
+        r = load_recipe(path, base=QUANTIZE_DEFAULTS if "quantize" in path.parts else None)
+        assert isinstance(r, Recipe)
+        assert r.sam.rho is not None and r.sam.rho >= 0
 
 
 def test_finetune_recipe_is_paper_setup():

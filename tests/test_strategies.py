@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from squat_cli.quant.convert import calibrate, quantize_model
 from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
-from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
+from squat_cli.recipe import QuantConfig, TrainConfig
 from squat_cli.train.loop import build_optimizers
 from squat_cli.train.strategies import StepContext, make_strategy
 from tests.quant_helpers import batches, tiny_bert

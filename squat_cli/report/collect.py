@@ -11,7 +11,7 @@ import yaml
 
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
-from squat_cli.runs import RunDir, discover, parse_variant, read_json
+from squat_cli.runs import discover, parse_variant, read_json
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
 

