@@ -38,6 +38,7 @@ DataOpt = typer.Option(None, "--data-dir", help="GLUE folder in its original lay
 OutOpt = typer.Option(Path("runs"), "--out", "-o", help="Runs root folder.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (also names the run folder seed<k>).")
 ForceOpt = typer.Option(False, "--force", help="Rerun even if the run folder holds a finished run.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs.")
 
 
@@ -93,6 +94,8 @@ def finetune(
     epochs: Optional[float] = EpochsOpt,
     set_: Optional[list[str]] = SetOpt,
     force: bool = ForceOpt,
+    resume: bool = ResumeOpt,
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow code from the model repo to run."),
 ) -> None:
     """Fine-tune a full-precision model on a GLUE task into runs/<task>/fp/seed<k>/."""
     from squat_cli import jobs
@@ -100,9 +103,9 @@ def finetune(
     from squat_cli.recipe import load_recipe
 
     overrides = {"data.task": task, "model.name_or_path": model, "data.data_dir": str(data_dir) if data_dir else None,
-                 "train.seed": seed, "train.epochs": epochs}
+                 "train.seed": seed, "train.epochs": epochs, "model.trust_remote_code": trust_remote_code or None}
     rec = _run(load_recipe, recipe, overrides, set_)
-    res = _run(jobs.finetune, rec, out, force=force, reporter=RichReporter(err_console))
+    res = _run(jobs.finetune, rec, out, force=force, reporter=RichReporter(err_console), resume=resume)
     _summary("finetune", res.metrics, res.run.path, res.skipped)
 
 
@@ -121,6 +124,7 @@ def quantize(
     epochs: Optional[float] = EpochsOpt,
     set_: Optional[list[str]] = SetOpt,
     force: bool = ForceOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Quantize an FP run (QAT with LSQ/SQuAT/baselines, or PTQ) into runs/<task>/<method>-w<W>a<A>/seed<k>/."""
     from squat_cli import jobs
@@ -131,7 +135,8 @@ def quantize(
                  "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
                  "train.epochs": epochs}
     rec = _run(load_recipe, recipe, overrides, set_, base=QUANTIZE_DEFAULTS)
-    res = _run(jobs.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console))
+    res = _run(jobs.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),
+               resume=resume)
     _summary("quantize", res.metrics, res.run.path, res.skipped)
 
 

@@ -313,34 +313,66 @@ class Collator:
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffles with a generator seeded by ``seed + epoch``: data order is a pure function of both.
+    """Data order as a pure function of ``seed + epoch``, shared by every process.
 
-    With ``lengths`` given, batches group examples of similar length (less padding).
+    The global order is cut into global batches of ``batch_size``; process
+    ``rank`` of ``world`` takes its contiguous slice of each (so N processes see
+    exactly the batches one process would). With several processes the last
+    global batch is filled up from the start of the order, so every process
+    runs the same number of steps. ``start_batch`` skips batches already done
+    (resuming mid-epoch). With ``lengths`` given, global batches group examples
+    of similar length (less padding).
     """
 
-    def __init__(self, n: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None):
+    def __init__(self, n: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None,
+                 rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise DataError(f"train.batch_size {batch_size} is not divisible by the {world} processes")
         self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.rank, self.world = rank, world
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    @property
+    def local_batch(self) -> int:
+        return self.batch_size // self.world
 
-    def __len__(self) -> int:
-        return self.n
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self) -> Iterator[int]:
+    def global_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.lengths is not None:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+            return list(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def local_order(self) -> list[int]:
+        order = self.global_order()
+        if self.world == 1:
+            return order
+        short = -len(order) % self.batch_size
+        order = order + (order * (short // max(len(order), 1) + 1))[:short]
+        lb = self.local_batch
+        return [i for c in range(0, len(order), self.batch_size)
+                for i in order[c + self.rank * lb: c + (self.rank + 1) * lb]]
+
+    def __len__(self) -> int:
+        return len(self.local_order()) - self.start_batch * self.local_batch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.local_order()[self.start_batch * self.local_batch:])
 
 
-def train_loader(enc: Encoded, batch_size: int, seed: int, pad_id: int, group_by_length: bool = False) -> DataLoader:
+def train_loader(enc: Encoded, batch_size: int, seed: int, pad_id: int, group_by_length: bool = False,
+                 rank: int = 0, world: int = 1) -> DataLoader:
+    """Training batches; ``batch_size`` is the global batch, each of ``world`` processes gets its share."""
     lengths = enc.lengths.tolist() if group_by_length else None
-    sampler = EpochSampler(len(enc), seed, batch_size, lengths)
-    return DataLoader(EncodedDataset(enc), batch_size=batch_size, sampler=sampler, collate_fn=Collator(pad_id))
+    sampler = EpochSampler(len(enc), seed, batch_size, lengths, rank, world)
+    # a private generator: creating an iterator must not draw from the global RNG (exact resume)
+    return DataLoader(EncodedDataset(enc), batch_size=sampler.local_batch, sampler=sampler,
+                      collate_fn=Collator(pad_id), generator=torch.Generator())
 
 
 def eval_loader(enc: Encoded, batch_size: int, pad_id: int) -> tuple[DataLoader, torch.Tensor]:

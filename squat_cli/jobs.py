@@ -23,6 +23,7 @@ from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, s
 from squat_cli.quant.qlinear import is_quantizer_key
 from squat_cli.recipe import Recipe, recipe_from_dict
 from squat_cli.runs import RunDir, atomic_dir, environment, variant_name, write_json, write_text
+from squat_cli.train.checkpoint import checkpoint_step
 from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
 
 
@@ -52,18 +53,37 @@ def load_task_data(recipe: Recipe, tokenizer, need_train: bool = True) -> TaskDa
     return TaskData(task, train, {s: enc(ex) for s, ex in dev_raw.items()})
 
 
-def _prepare_run(run: RunDir, force: bool) -> Optional[JobResult]:
+def _prepare_run(run: RunDir, recipe: Recipe, force: bool, resume: bool) -> tuple[Optional[JobResult], bool]:
+    """(result if already finished, whether to resume from the run's checkpoint). Raises if unclear."""
     if run.is_complete() and not force:
-        return JobResult(run, run.metrics(), skipped=True)
-    return None
+        return JobResult(run, run.metrics(), skipped=True), False
+    ckpt = run.checkpoint_dir / "manifest.json"
+    if force or not ckpt.is_file():
+        return None, False
+    step = checkpoint_step(run.checkpoint_dir)
+    if not resume:
+        raise RunError(f"{run.path} holds a checkpoint at step {step}; pass --resume to continue it or --force to "
+                       "start over")
+    if run.recipe_file.is_file() and run.recipe_file.read_text(encoding="utf-8") != recipe.dump():
+        raise RunError(f"{run.path}: the recipe differs from the one its checkpoint was made with; "
+                       "use the same options, or --force to start over")
+    return None, True
 
 
-def _start_run_folder(run: RunDir, recipe: Recipe, device: str, extra: dict) -> None:
+def _start_run_folder(run: RunDir, recipe: Recipe, device: str, extra: dict, resuming: bool = False) -> None:
+    if resuming:
+        run.failed_file.unlink(missing_ok=True)
+        return
     if run.path.exists():
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True)
     write_text(run.recipe_file, recipe.dump())
     write_json(run.path / "environment.json", environment(device, extra))
+
+
+def _finish(run: RunDir, metrics: dict) -> None:
+    write_json(run.metrics_file, metrics)
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only needed to resume an unfinished run
 
 
 def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dict) -> dict:
@@ -98,11 +118,12 @@ def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
                 break
 
 
-def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None) -> JobResult:
+def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None,
+             resume: bool = False) -> JobResult:
     """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
     task = get_task(recipe.data.task)
     run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
-    done = _prepare_run(run, force)
+    done, resuming = _prepare_run(run, recipe, force, resume)
     if done:
         return done
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
@@ -110,17 +131,18 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
     seed_everything(recipe.train.seed)
     model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
     acc = make_accelerator(recipe.train.precision)
-    _start_run_folder(run, recipe, str(acc.device), {"model": recipe.model.name_or_path})
+    _start_run_folder(run, recipe, str(acc.device), {"model": recipe.model.name_or_path}, resuming)
     try:
         result = fit(model, task, data.train, data.dev, recipe, "fp", tokenizer.pad_token_id, reporter,
-                     on_eval=run.append_history, accelerator=acc)
+                     on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
+                     resume=resuming, on_resume=run.write_history)
         model = acc.unwrap_model(model)
         if recipe.train.save_model:
             with atomic_dir(run.model_dir) as tmp:
                 save_model(model, tokenizer, tmp)
         metrics = _final_metrics(task, result, data, {"method": "fp", "wbits": 32, "abits": 32,
                                                      "seed": recipe.train.seed, "model": recipe.model.name_or_path})
-        write_json(run.metrics_file, metrics)
+        _finish(run, metrics)
     except BaseException as exc:
         _cleanup_on_error(run, exc)
         raise
@@ -144,7 +166,7 @@ def source_run(runs_root: Path, task: GlueTask, seed: int, from_path: Optional[P
 
 def quantize(
     recipe: Recipe, runs_root: Path, from_path: Optional[Path] = None, force: bool = False,
-    reporter: Optional[Reporter] = None,
+    reporter: Optional[Reporter] = None, resume: bool = False,
 ) -> JobResult:
     """Quantization-aware training (or PTQ) from an FP run: ``runs/<task>/<method>-w<W>a<A>/seed<k>/``."""
     q = recipe.quant
@@ -153,11 +175,11 @@ def quantize(
     task = get_task(recipe.data.task)
     variant = variant_name(q.method, q.wbits if q.method != "fp-sam" else 32, q.abits if q.method != "fp-sam" else 32)
     run = RunDir.for_run(runs_root, task.name, variant, recipe.train.seed)
-    done = _prepare_run(run, force)
-    if done:
-        return done
     src = source_run(runs_root, task, recipe.train.seed, from_path)
     recipe.model.name_or_path = src.metrics().get("model", recipe.model.name_or_path)
+    done, resuming = _prepare_run(run, recipe, force, resume)
+    if done:
+        return done
     tokenizer = load_tokenizer(str(src.model_dir))
     data = load_task_data(recipe, tokenizer)
     seed_everything(recipe.train.seed)
@@ -170,7 +192,7 @@ def quantize(
     calib = train_loader(data.train, recipe.train.batch_size, recipe.train.seed + 1, tokenizer.pad_token_id)
     calib_batches = [b for _, b in zip(range(q.calib_batches), calib)]
     calibrate(model, ({k: v.to(acc.device) for k, v in b.items()} for b in calib_batches), q.act_init)
-    _start_run_folder(run, recipe, str(acc.device), {"from": str(src.path), "quantized_modules": names})
+    _start_run_folder(run, recipe, str(acc.device), {"from": str(src.path), "quantized_modules": names}, resuming)
     extra = {"method": q.method, "wbits": q.wbits, "abits": q.abits, "seed": recipe.train.seed,
              "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
              "quantized_modules": len(names)}
@@ -183,7 +205,8 @@ def quantize(
             result = FitResult(metrics=m, train_examples=0)
         else:
             result = fit(model, task, data.train, data.dev, recipe, q.method, tokenizer.pad_token_id, reporter,
-                         on_eval=run.append_history, accelerator=acc)
+                         on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
+                         resume=resuming, on_resume=run.write_history)
         model = acc.unwrap_model(model)
         if recipe.train.save_model:
             fp_state = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
@@ -194,7 +217,7 @@ def quantize(
         extra.update({f"{k}_init": v for k, v in steps_before.items()})
         extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
         metrics = _final_metrics(task, result, data, extra)
-        write_json(run.metrics_file, metrics)
+        _finish(run, metrics)
     except BaseException as exc:
         _cleanup_on_error(run, exc)
         raise

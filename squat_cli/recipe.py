@@ -69,6 +69,8 @@ class TrainConfig:
     """Also evaluate before the first step (quantize: the converted model as it starts)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = 10
+    save_every: Optional[int] = 500
+    """Write a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding)."""
     save_model: bool = True

@@ -173,6 +173,9 @@ class RunDir:
         old = self.history_file.read_text(encoding="utf-8") if self.history_file.is_file() else ""
         write_text(self.history_file, old + json.dumps(record) + "\n")
 
+    def write_history(self, records: list[dict[str, Any]]) -> None:
+        write_text(self.history_file, "".join(json.dumps(r) + "\n" for r in records))
+
     def history(self) -> list[dict[str, Any]]:
         if not self.history_file.is_file():
             return []

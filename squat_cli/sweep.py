@@ -10,7 +10,8 @@ gives worker i every n-th chain, so no worker waits on another and the shards
 together cover the grid exactly once. A per-job lock file (``flock``, released
 when a process dies) keeps two workers sharing one runs folder from running the
 same job at once. Finished runs (``metrics.json``) and stored scores are
-skipped, so a rerun after an interruption continues where it stopped; failed
+skipped and unfinished runs resume from their last checkpoint, so a rerun after
+an interruption continues where it stopped; failed
 runs (``FAILED.json``) are reported, not retried, unless asked.
 """
 
@@ -269,11 +270,11 @@ def run_sweep(
             log(f"[{len(out.ran) + 1}] {job.id}")
             try:
                 if job.kind == "fp":
-                    J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), root, force=True,
-                               reporter=reporter_factory())
+                    J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), root, reporter=reporter_factory(),
+                               resume=True, force=status == "failed")
                 elif job.kind == "quantize":
                     J.quantize(grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir), root,
-                               force=True, reporter=reporter_factory())
+                               reporter=reporter_factory(), resume=True, force=status == "failed")
                 else:
                     run = RunDir.for_run(root, job.task, job.variant, job.seed)
                     J.measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter_factory())

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ from squat_cli.progress import Reporter
 from squat_cli.quant.convert import step_summary
 from squat_cli.quant.qlinear import step_parameters, weight_parameters
 from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
+from squat_cli.train.checkpoint import load_checkpoint, save_checkpoint
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy
 
 
@@ -142,19 +145,27 @@ def fit(
     reporter: Optional[Reporter] = None,
     on_eval: Optional[Callable[[dict[str, Any]], None]] = None,
     accelerator=None,
+    checkpoint_dir: Optional[Path] = None,
+    resume: bool = False,
+    on_resume: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> FitResult:
-    """Train ``model`` with ``method`` and evaluate on ``dev``; returns the final metrics and history."""
+    """Train ``model`` with ``method`` and evaluate on ``dev``; returns the final metrics and history.
+
+    With ``checkpoint_dir``, a resumable checkpoint is written every ``train.save_every`` steps and
+    at each epoch end; ``resume`` continues from it (``on_resume`` gets the restored history).
+    """
     reporter = reporter or Reporter()
     t = recipe.train
     acc = accelerator or make_accelerator(t.precision)
     seed_everything(t.seed)
-    loader = train_loader(train_enc, t.batch_size, t.seed, pad_id, t.group_by_length)
-    spe = len(loader)
+    loader = train_loader(train_enc, t.batch_size, t.seed, pad_id, t.group_by_length,
+                          rank=acc.process_index, world=acc.num_processes)
+    spe = steps_per_epoch(len(train_enc), t.batch_size)
     total = total_steps(t, len(train_enc))
     w_opt, w_sched, s_opt, s_sched = build_optimizers(model, t, recipe.quant, total)
+    distributed = acc.num_processes > 1
     model = acc.prepare(model)
     core = acc.unwrap_model(model)
-    distributed = acc.num_processes > 1
     ctx = StepContext(
         model=model, core=core, w_opt=w_opt, s_opt=s_opt, backward=acc.backward, autocast=acc.autocast,
         no_sync=lambda: acc.no_sync(model), max_grad_norm=t.max_grad_norm, clip=default_clip,
@@ -164,36 +175,52 @@ def fit(
     qcfg = recipe.quant
     strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")
     device = acc.device
-    model.train()
-    history: list[dict[str, Any]] = []
-    last_metrics: dict[str, float] = {}
-    step = 0
-    epoch = 0
-    start = time.perf_counter()
-    seen = 0
-    recent: list[float] = []
+    optimizers = {"w": w_opt, "s": s_opt}
+    schedulers = {"w": w_sched, "s": s_sched}
+    st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "recent": [], "history": [],
+                          "elapsed": 0.0, "strategy_steps": 0}
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "manifest.json").is_file():
+        st = load_checkpoint(checkpoint_dir, core, optimizers, schedulers)
+        strategy.step_count = st["strategy_steps"]
+        if on_resume:
+            on_resume(st["history"])
+        reporter.message(f"resumed from step {st['step']} (epoch {st['epoch']}, batch {st['batch']})")
+    last_metrics: dict[str, float] = st["history"][-1] if st["history"] else {}
+    start = time.perf_counter() - st["elapsed"]
     n_epochs = math.ceil(total / spe)
+    model.train()
     reporter.start(total, f"{task.display} {method}")
+    reporter.update(st["step"], loss=float("nan"), ex_s=0.0)
 
     def run_eval(at_epoch: float) -> None:
         nonlocal last_metrics
         m = evaluate(core, task, dev, t.eval_batch_size, pad_id, device, acc.autocast)
-        rec = {"step": step, "epoch": round(at_epoch, 4), **m, "train_loss": float(np.mean(recent)) if recent else None}
+        recent = st["recent"]
+        rec = {"step": st["step"], "epoch": round(at_epoch, 4), **m,
+               "train_loss": float(np.mean(recent)) if recent else None}
         rec.update(step_summary(core))
-        history.append(rec)
+        st["history"].append(rec)
         last_metrics = m
-        if on_eval:
+        if on_eval and acc.is_main_process:
             on_eval(rec)
         shown = ", ".join(f"{k} {m[k]:.4f}" for k in task.metric_names())
-        reporter.message(f"step {step} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
+        reporter.message(f"step {st['step']} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
+
+    def save() -> None:
+        if checkpoint_dir is None or not acc.is_main_process:
+            return
+        st["elapsed"] = time.perf_counter() - start
+        st["strategy_steps"] = strategy.step_count
+        save_checkpoint(checkpoint_dir, core, optimizers, schedulers, st)
 
     try:
-        if t.eval_at_start:
+        if t.eval_at_start and st["step"] == 0 and not st["history"]:
             run_eval(0.0)
-        for epoch in range(n_epochs):
-            loader.sampler.set_epoch(epoch)
+        for epoch in range(st["epoch"], n_epochs):
+            loader.sampler.set_epoch(epoch, st["batch"] if epoch == st["epoch"] else 0)
+            st["epoch"] = epoch
             for batch in loader:
-                if step >= total:
+                if st["step"] >= total:
                     break
                 batch = _to(batch, device)
                 loss = strategy.step(batch)
@@ -202,23 +229,34 @@ def fit(
                     with warnings.catch_warnings():  # squat/reuse makes no s step on its first step
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         s_sched.step()
-                step += 1
-                seen += len(batch["labels"])
-                recent.append(loss)
+                st["step"] += 1
+                st["batch"] += 1
+                st["seen"] += len(batch["labels"]) * acc.num_processes
+                st["recent"].append(loss)
+                step = st["step"]
                 if step % t.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - start
-                    reporter.update(step, loss=float(np.mean(recent[-t.log_every:])), ex_s=seen / max(elapsed, 1e-9))
+                    reporter.update(step, loss=float(np.mean(st["recent"][-t.log_every:])),
+                                    ex_s=st["seen"] / max(elapsed, 1e-9))
                 if t.eval_strategy == "steps" and step % t.eval_steps == 0 and step < total:
                     run_eval(step / spe)
-            if t.eval_strategy == "epoch" and step < total:
+                if t.save_every and step % t.save_every == 0 and step < total and st["batch"] < spe:
+                    save()
+            if st["step"] >= total:
+                break
+            st["epoch"], st["batch"] = epoch + 1, 0
+            if t.eval_strategy == "epoch":
                 run_eval(epoch + 1)
-                recent = []
-        run_eval(step / spe)
+            st["recent"] = []
+            save()
+        run_eval(st["step"] / spe)
     finally:
         reporter.stop()
+    recent = st["recent"]
     return FitResult(
-        metrics=last_metrics, history=history, steps=step, epochs=step / spe, train_examples=len(train_enc),
-        wall_time_s=time.perf_counter() - start, train_loss=float(np.mean(recent)) if recent else float("nan"),
+        metrics=last_metrics, history=st["history"], steps=st["step"], epochs=st["step"] / spe,
+        train_examples=len(train_enc), wall_time_s=time.perf_counter() - start,
+        train_loss=float(np.mean(recent)) if recent else float("nan"),
     )
 
 

@@ -68,6 +68,8 @@ class Strategy:
         self.ctx = ctx
         self.w_params = [p for _, p in weight_parameters(ctx.core)]
         self.s_params = step_parameters(ctx.core)
+        ids = {id(p) for p in self.s_params}
+        self.s_named = [(n, p) for n, p in ctx.core.named_parameters() if id(p) in ids]
         self.step_count = 0
 
     # helpers -------------------------------------------------------------
@@ -76,7 +78,7 @@ class Strategy:
             out = self.ctx.model(**batch)
         loss = out.loss
         if not torch.isfinite(loss.detach()):
-            raise DivergenceError(f"non-finite loss ({float(loss)}) at step {self.step_count + 1}")
+            raise DivergenceError(f"non-finite loss ({float(loss.detach())}) at step {self.step_count + 1}")
         return loss
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -103,9 +105,9 @@ class Strategy:
             self._check_steps()
 
     def _check_steps(self) -> None:
-        for p in self.s_params:
+        for name, p in self.s_named:
             if not torch.isfinite(p).all():
-                raise DivergenceError(f"non-finite step size at step {self.step_count + 1}")
+                raise DivergenceError(f"non-finite step size {name} at step {self.step_count + 1}")
 
     def zero_all(self) -> None:
         self.ctx.w_opt.zero_grad(set_to_none=True)
