@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import yaml
 
-from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
+from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset, train_loader
 from squat_cli.errors import DivergenceError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.models import load_model, load_tokenizer, save_model
@@ -118,6 +118,53 @@ def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
                 break
 
 
+def _train_and_save(
+    run: RunDir, recipe: Recipe, acc, model, tokenizer, data: TaskData, method: str, resuming: bool,
+    reporter: Optional[Reporter], extra: dict, env_extra: dict, names: Optional[list[str]] = None,
+) -> dict:
+    """Create the run folder, train (or, for PTQ, only evaluate), save model and quantizer, write metrics.
+
+    With several processes only the main one writes; the others train alongside it.
+    """
+    main = acc.is_main_process
+    if main:
+        env_extra = {**env_extra, "processes": acc.num_processes, "precision": recipe.train.precision}
+        _start_run_folder(run, recipe, str(acc.device), env_extra, resuming)
+    acc.wait_for_everyone()
+    task = data.task
+    try:
+        steps_before = step_summary(model)
+        if method == "ptq":
+            m = evaluate(model, task, data.dev, recipe.train.eval_batch_size, tokenizer.pad_token_id,
+                         acc.device, acc.autocast)
+            if main:
+                run.append_history({"step": 0, "epoch": 0, **m})
+            result = FitResult(metrics=m, train_examples=0)
+        else:
+            result = fit(model, task, data.train, data.dev, recipe, method, tokenizer.pad_token_id, reporter,
+                         on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
+                         resume=resuming, on_resume=run.write_history)
+        model = acc.unwrap_model(model)
+        extra = dict(extra)
+        extra.update({f"{k}_init": v for k, v in steps_before.items()})
+        extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
+        metrics = _final_metrics(task, result, data, extra)
+        if main:
+            if recipe.train.save_model:
+                fp_state = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
+                with atomic_dir(run.model_dir) as tmp:
+                    save_model(model, tokenizer, tmp, state_dict=fp_state)
+            if names:
+                save_quantizer(model, recipe.quant, run.quantizer_file, names)
+            _finish(run, metrics)
+        acc.wait_for_everyone()
+    except BaseException as exc:
+        if main:
+            _cleanup_on_error(run, exc)
+        raise
+    return metrics
+
+
 def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None,
              resume: bool = False) -> JobResult:
     """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
@@ -128,24 +175,12 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
         return done
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data = load_task_data(recipe, tokenizer)
+    acc = make_accelerator(recipe.train.precision)
     seed_everything(recipe.train.seed)
     model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
-    acc = make_accelerator(recipe.train.precision)
-    _start_run_folder(run, recipe, str(acc.device), {"model": recipe.model.name_or_path}, resuming)
-    try:
-        result = fit(model, task, data.train, data.dev, recipe, "fp", tokenizer.pad_token_id, reporter,
-                     on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
-                     resume=resuming, on_resume=run.write_history)
-        model = acc.unwrap_model(model)
-        if recipe.train.save_model:
-            with atomic_dir(run.model_dir) as tmp:
-                save_model(model, tokenizer, tmp)
-        metrics = _final_metrics(task, result, data, {"method": "fp", "wbits": 32, "abits": 32,
-                                                     "seed": recipe.train.seed, "model": recipe.model.name_or_path})
-        _finish(run, metrics)
-    except BaseException as exc:
-        _cleanup_on_error(run, exc)
-        raise
+    extra = {"method": "fp", "wbits": 32, "abits": 32, "seed": recipe.train.seed, "model": recipe.model.name_or_path}
+    metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, "fp", resuming, reporter, extra,
+                              {"model": recipe.model.name_or_path})
     return JobResult(run, metrics)
 
 
@@ -182,45 +217,19 @@ def quantize(
         return done
     tokenizer = load_tokenizer(str(src.model_dir))
     data = load_task_data(recipe, tokenizer)
+    acc = make_accelerator(recipe.train.precision)
     seed_everything(recipe.train.seed)
     model = load_model(str(src.model_dir), task)
     names = quantize_model(model, q)
-    acc = make_accelerator(recipe.train.precision)
     model.to(acc.device)
-    from squat_cli.data import train_loader
-
     calib = train_loader(data.train, recipe.train.batch_size, recipe.train.seed + 1, tokenizer.pad_token_id)
     calib_batches = [b for _, b in zip(range(q.calib_batches), calib)]
     calibrate(model, ({k: v.to(acc.device) for k, v in b.items()} for b in calib_batches), q.act_init)
-    _start_run_folder(run, recipe, str(acc.device), {"from": str(src.path), "quantized_modules": names}, resuming)
     extra = {"method": q.method, "wbits": q.wbits, "abits": q.abits, "seed": recipe.train.seed,
              "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
              "quantized_modules": len(names)}
-    try:
-        steps_before = step_summary(model)
-        if q.method == "ptq":
-            m = evaluate(model, task, data.dev, recipe.train.eval_batch_size, tokenizer.pad_token_id,
-                         acc.device, acc.autocast)
-            run.append_history({"step": 0, "epoch": 0, **m})
-            result = FitResult(metrics=m, train_examples=0)
-        else:
-            result = fit(model, task, data.train, data.dev, recipe, q.method, tokenizer.pad_token_id, reporter,
-                         on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
-                         resume=resuming, on_resume=run.write_history)
-        model = acc.unwrap_model(model)
-        if recipe.train.save_model:
-            fp_state = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
-            with atomic_dir(run.model_dir) as tmp:
-                save_model(model, tokenizer, tmp, state_dict=fp_state)
-        if names:
-            save_quantizer(model, q, run.quantizer_file, names)
-        extra.update({f"{k}_init": v for k, v in steps_before.items()})
-        extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
-        metrics = _final_metrics(task, result, data, extra)
-        _finish(run, metrics)
-    except BaseException as exc:
-        _cleanup_on_error(run, exc)
-        raise
+    metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, q.method, resuming, reporter, extra,
+                              {"from": str(src.path), "quantized_modules": names}, names)
     return JobResult(run, metrics)
 
 

@@ -11,9 +11,8 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
-
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,13 +31,17 @@ from squat_cli.train.strategies import StepContext, default_clip, make_strategy
 
 def make_accelerator(precision: str = "fp32", cpu: bool = False):
     """An ``accelerate.Accelerator``: CUDA when present, bf16 autocast when asked."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, PartialState
 
     if not PartialState._shared_state or PartialState().num_processes == 1:
         # one process: allow a fresh precision setting per run (tests run many in one process)
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu)
+    # strategies freeze w or s for some passes: DDP must accept parameters without gradients
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # without CUDA, say cpu=True: that is what makes accelerate use gloo under torchrun / accelerate launch
+    cpu = cpu or not torch.cuda.is_available()
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu, kwargs_handlers=[ddp])
 
 
 def seed_everything(seed: int) -> None:
@@ -182,7 +185,7 @@ def fit(
     if resume and checkpoint_dir is not None and (checkpoint_dir / "manifest.json").is_file():
         st = load_checkpoint(checkpoint_dir, core, optimizers, schedulers)
         strategy.step_count = st["strategy_steps"]
-        if on_resume:
+        if on_resume and acc.is_main_process:
             on_resume(st["history"])
         reporter.message(f"resumed from step {st['step']} (epoch {st['epoch']}, batch {st['batch']})")
     last_metrics: dict[str, float] = st["history"][-1] if st["history"] else {}
