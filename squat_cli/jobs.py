@@ -22,7 +22,7 @@ from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.qlinear import is_quantizer_key
 from squat_cli.recipe import Recipe, recipe_from_dict
-from squat_cli.runs import RunDir, atomic_dir, environment, variant_name, write_json, write_text
+from squat_cli.runs import RunDir, atomic_dir, environment, parse_variant, variant_name, write_json, write_text
 from squat_cli.train.checkpoint import checkpoint_step
 from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
 
@@ -168,6 +168,7 @@ def _train_and_save(
 def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None,
              resume: bool = False) -> JobResult:
     """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
+    recipe.quant = None  # nothing is quantized here; recipe.yaml records exactly what ran
     task = get_task(recipe.data.task)
     run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
     done, resuming = _prepare_run(run, recipe, force, resume)
@@ -247,7 +248,10 @@ def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
     task = get_task(recipe.data.task)
     tokenizer = load_tokenizer(str(run.model_dir))
     model = load_model(str(run.model_dir), task)
-    if recipe.quant is not None and recipe.quant.method != "fp-sam":
+    method, _, _ = parse_variant(run.variant)
+    if method not in ("fp", "fp-sam"):
+        if recipe.quant is None:
+            raise RunError(f"{run.recipe_file}: a quantized run's recipe needs its quant section")
         quantize_model(model, recipe.quant, init_steps=False)
         load_quantizer(model, run.quantizer_file)
     model.to(device)

@@ -78,7 +78,7 @@ def target_layers(model: nn.Module) -> list[QuantLinear]:
     """The layers whose weights are perturbed; FP ``nn.Linear`` layers are wrapped (identity quantizer)."""
     present = [m for _, m in model.named_modules() if isinstance(m, QuantLinear)]
     if present:
-        return [m for m in present]
+        return present
     default = QuantConfig()
     layers = []
     for name in select_linear(model, default.include, default.exclude):
@@ -119,32 +119,37 @@ def _norm(ts: Iterable[torch.Tensor]) -> float:
     return math.sqrt(sum(float((t.double() ** 2).sum()) for t in ts))
 
 
+def _prepare(model: nn.Module, batches: list[dict]) -> tuple[list[QuantLinear], _Objective]:
+    """Evaluation mode, parameters frozen (steps included), target layers found or wrapped."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = target_layers(model)
+    return layers, _Objective(model, batches, layers)
+
+
 def ascent_sharpness(
     model: nn.Module, batches: list[dict], rho: float, steps: int, lr: float,
     on_step: Optional[Callable[[int, float], None]] = None,
 ) -> SharpnessResult:
     """Algorithm 2: projected gradient ascent in the L2 ball of radius ``rho`` around the weights."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = target_layers(model)
-    objective = _Objective(model, batches, layers)
-    with torch.no_grad():
-        w0 = [layer.quantized_weight().detach() for layer in layers]
-    deltas = [torch.zeros_like(w) for w in w0]
-    loss0, _ = objective(deltas, grad=False)
-    trajectory = [loss0]
+    layers, objective = _prepare(model, batches)
+    deltas = [torch.zeros_like(layer.weight) for layer in layers]
+    trajectory = []
     for t in range(steps):
-        _, grads = objective(deltas, grad=True)
+        loss_t, grads = objective(deltas, grad=True)  # L(W_t) and its gradient in one pass
+        trajectory.append(loss_t)
+        if on_step and t:
+            on_step(t, loss_t)
         deltas = [d + lr * g for d, g in zip(deltas, grads)]
         norm = _norm(deltas)
         if norm > rho:
             deltas = [d * (rho / norm) for d in deltas]
-        loss_t, _ = objective(deltas, grad=False)
-        trajectory.append(loss_t)
-        if on_step:
-            on_step(t + 1, loss_t)
-    return SharpnessResult(trajectory[-1] - loss0, loss0, trajectory[-1], _norm(deltas), trajectory)
+    final, _ = objective(deltas, grad=False)
+    trajectory.append(final)
+    if on_step:
+        on_step(steps, final)
+    return SharpnessResult(final - trajectory[0], trajectory[0], final, _norm(deltas), trajectory)
 
 
 def keskar_sharpness(
@@ -153,11 +158,7 @@ def keskar_sharpness(
     """Keskar et al.'s sharpness in a random ``subspace``-dimensional subspace (L-BFGS-B in a box)."""
     from scipy.optimize import minimize
 
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = target_layers(model)
-    objective = _Objective(model, batches, layers)
+    layers, objective = _prepare(model, batches)
     with torch.no_grad():
         w0 = torch.cat([layer.quantized_weight().detach().flatten() for layer in layers])
     shapes = [layer.weight.shape for layer in layers]

@@ -110,3 +110,34 @@ def test_wrong_task_source(runs, glue_dir):
     res = runner.invoke(app, ["quantize", "--task", "mrpc", "--data-dir", str(glue_dir), "--out", str(runs),
                               "--from", str(runs / "rte" / "fp" / "seed42"), *FAST])
     assert res.exit_code == 2 and "is for task rte, not mrpc" in res.output
+
+
+def test_sharpness_cli_deterministic_and_stored(runs, glue_dir):
+    res = _quantize(runs, glue_dir, "--method", "lsq", "--wbits", "2")
+    assert res.exit_code == 0, res.output
+    run = runs / "rte" / "lsq-w2a8" / "seed42"
+    args = ["sharpness", "--rho", "0.05", "--run", str(run), "--steps", "3", "--examples", "24", "--lr", "1.0",
+            "--data-dir", str(glue_dir)]
+    assert runner.invoke(app, args).exit_code == 0
+    first = json.loads((run / "sharpness.json").read_text())["ascent/rho=0.05"]
+    assert first["score"] == first["loss_final"] - first["loss0"] and first["delta_norm"] <= 0.05 * (1 + 1e-6)
+    assert first["settings"]["examples"] == 24 and len(first["trajectory"]) == 4
+    assert runner.invoke(app, args).exit_code == 0
+    again = json.loads((run / "sharpness.json").read_text())["ascent/rho=0.05"]
+    assert again["score"] == first["score"]  # deterministic for a fixed seed
+    # every run under the root without a score at that rho
+    res = runner.invoke(app, ["sharpness", "--rho", "0.05", "--out", str(runs), "--steps", "1", "--examples", "8",
+                              "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    assert "rte/fp/seed42" in res.output and "lsq-w2a8" not in res.output
+    assert "ascent/rho=0.05" in json.loads((runs / "rte" / "fp" / "seed42" / "sharpness.json").read_text())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rho", "0"], "--rho: 0.0 must be > 0"),
+    (["--rho", "-1"], "--rho: -1.0 must be > 0"),
+    (["--rho", "0.1", "--run", "/no/such/run"], "no run folder at /no/such/run"),
+])
+def test_sharpness_bad_input(runs, args, message):
+    res = runner.invoke(app, ["sharpness", *args, "--out", str(runs)])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.lsq import LsqQuantizer
 
 
 class _QuantWeightMixin:
@@ -118,7 +118,3 @@ def clamp_steps(model: nn.Module) -> None:
 def is_quantizer_key(key: str) -> bool:
     """State-dict keys that belong to quantizers (``...wq.step``, ``...aq.running_max``)."""
     return ".wq." in key or ".aq." in key
-
-
-def max_quantizers(model: nn.Module) -> list[tuple[str, MaxQuantizer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MaxQuantizer)]
