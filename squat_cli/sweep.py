@@ -18,6 +18,7 @@ runs (``FAILED.json``) are reported, not retried, unless asked.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import os
 from contextlib import contextmanager
@@ -43,21 +44,12 @@ class SweepSection:
 
 
 @dataclass
-class SharpnessSection:
-    method: str = "ascent"
-    steps: int = 10
-    lr: float = 0.1
-    examples: int = 256
-    split: str = "train"
-    seed: int = 0
-
-
-@dataclass
 class Grid:
     sweep: SweepSection
     finetune: dict[str, Any]
     quantize: dict[str, Any]
-    sharpness: SharpnessSection
+    sharpness: SharpnessSettings
+    """Settings for every score; the radius comes from ``sweep.sharpness_rhos``."""
 
     @property
     def tasks(self) -> list[str]:
@@ -89,9 +81,7 @@ class Grid:
         return recipe_from_dict(apply_overrides(d, over)).validate()
 
     def sharpness_settings(self, rho: float) -> SharpnessSettings:
-        s = self.sharpness
-        return SharpnessSettings(rho=rho, method=s.method, steps=s.steps, lr=s.lr, examples=s.examples,
-                                 split=s.split, seed=s.seed)
+        return dataclasses.replace(self.sharpness, rho=rho)
 
 
 def is_grid_recipe(path: Path | str) -> bool:
@@ -108,7 +98,10 @@ def load_grid(path: Path | str) -> Grid:
     if "sweep" not in data:
         raise RecipeError(f"{path}: a grid recipe needs a sweep section")
     sweep = _build(SweepSection, data["sweep"] or {}, "sweep")
-    sharp = _build(SharpnessSection, data.get("sharpness") or {}, "sharpness")
+    sharp_data = data.get("sharpness") or {}
+    if "rho" in sharp_data:
+        raise RecipeError("sharpness.rho: set the radii in sweep.sharpness_rhos")
+    sharp = _build(SharpnessSettings, {"rho": 1.0, **sharp_data}, "sharpness")
     if sharp.method not in ("ascent", "keskar"):
         raise RecipeError(f"sharpness.method: {sharp.method!r} is not one of ascent, keskar")
     grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp)
