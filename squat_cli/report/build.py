@@ -58,7 +58,7 @@ def setup_differences(col: Collected) -> list[str]:
             if steps:
                 vals.add(f"{steps} steps")
             elif isinstance(ep, (int, float)):
-                vals.add(f"{ep:g} epochs")
+                vals.add(f"{ep:g} epoch{'' if ep == 1 else 's'}")
         return sorted(vals)
 
     if fp and epochs(fp) and epochs(fp) != [f"{PAPER_SETUP['fp_epochs']:g} epochs"]:
