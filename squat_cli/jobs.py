@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import yaml
 
-from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset, train_loader
+from squat_cli.data import Encoded, encode, eval_loader, load_split, resolve_data_dir, subset, train_loader
 from squat_cli.errors import DivergenceError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.models import load_model, load_tokenizer, save_model
@@ -22,7 +22,16 @@ from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.qlinear import is_quantizer_key
 from squat_cli.recipe import Recipe, recipe_from_dict
-from squat_cli.runs import RunDir, atomic_dir, environment, parse_variant, variant_name, write_json, write_text
+from squat_cli.runs import (
+    RunDir,
+    atomic_dir,
+    discover,
+    environment,
+    parse_variant,
+    variant_name,
+    write_json,
+    write_text,
+)
 from squat_cli.train.checkpoint import checkpoint_step
 from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
 
@@ -261,8 +270,6 @@ def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
 
 def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: bool) -> list[RunDir]:
     """The runs to measure: ``run_path`` alone, or every complete run without a score for these settings."""
-    from squat_cli.runs import discover, read_json
-
     if run_path is not None:
         run = RunDir(Path(run_path))
         if not run.path.is_dir():
@@ -274,20 +281,14 @@ def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: b
     for run in discover(runs_root):
         if not run.is_complete() or not (run.model_dir / "config.json").is_file():
             continue
-        if not force and run.sharpness_file.is_file():
-            try:
-                if settings.key() in read_json(run.sharpness_file):
-                    continue
-            except RunError:
-                pass  # unreadable: measure again and rewrite
+        if not force and settings.key() in run.sharpness_scores():
+            continue
         todo.append(run)
     return todo
 
 
 def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
     """Score one run and store it in its ``sharpness.json`` under ``settings.key()``."""
-    from squat_cli.data import eval_loader
-    from squat_cli.runs import read_json
     from squat_cli.sharpness import ascent_sharpness, keskar_sharpness
 
     model, tokenizer, recipe, task = load_run_model(run)
@@ -311,12 +312,7 @@ def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, rep
             rep.stop()
     entry = {"score": res.score, "loss0": res.loss0, "loss_final": res.loss_final, "delta_norm": res.delta_norm,
              "trajectory": res.trajectory, "settings": settings.to_dict()}
-    current = {}
-    if run.sharpness_file.is_file():
-        try:
-            current = read_json(run.sharpness_file)
-        except RunError:
-            current = {}
+    current = run.sharpness_scores()  # an unreadable file is rewritten
     current[settings.key()] = entry
     write_json(run.sharpness_file, current)
     return entry

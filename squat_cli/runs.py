@@ -169,6 +169,16 @@ class RunDir:
     def metrics(self) -> dict[str, Any]:
         return read_json(self.metrics_file)
 
+    def sharpness_scores(self) -> dict[str, Any]:
+        """Stored sharpness scores by key (``ascent/rho=0.05``); empty if none or unreadable."""
+        if not self.sharpness_file.is_file():
+            return {}
+        try:
+            scores = read_json(self.sharpness_file)
+        except RunError:
+            return {}
+        return scores if isinstance(scores, dict) else {}
+
     def append_history(self, record: dict[str, Any]) -> None:
         old = self.history_file.read_text(encoding="utf-8") if self.history_file.is_file() else ""
         write_text(self.history_file, old + json.dumps(record) + "\n")

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 from squat_cli.errors import RecipeError, SquatError
 from squat_cli.glue import get_task
 from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, _build, _merge, apply_overrides, read_yaml, recipe_from_dict
-from squat_cli.runs import RunDir, read_json, variant_name
+from squat_cli.runs import RunDir, variant_name
 from squat_cli.sharpness import SharpnessSettings
 
 
@@ -189,14 +189,8 @@ def job_status(job: Job, root: Path, sharpness_method: str = "ascent") -> str:
     """done | failed | todo."""
     run = RunDir.for_run(root, job.task, job.variant, job.seed)
     if job.kind == "sharpness":
-        if not run.is_complete() or not run.sharpness_file.is_file():
-            return "todo"
-        try:
-            scores = read_json(run.sharpness_file)
-        except SquatError:
-            return "todo"
         key = SharpnessSettings(rho=job.rho, method=sharpness_method).key()
-        return "done" if key in scores else "todo"
+        return "done" if run.is_complete() and key in run.sharpness_scores() else "todo"
     if run.is_complete():
         return "done"
     if run.is_failed():
