@@ -1,14 +1,24 @@
-"""Median training-step time of every method on all-MiniLM-L6-v2, ratios, MFU, bf16 vs fp32.
+"""Training-step time of every method on all-MiniLM-L6-v2: ratios, MFU, bf16 vs fp32, pass-time floors.
 
-    python bench/step_times.py [--steps 5] [--warmup 2] [--batch 32] [--tokens 128]
-                               [--methods fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert] [--bf16]
+    python bench/step_times.py [--rounds 6] [--batch 32] [--tokens 128] [--glue rte,sst2]
+                               [--data-dir DIR] [--methods fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert]
+                               [--bf16] [--out bench/RESULTS-steps.md]
 
-Prints a table and writes bench/RESULTS.md (machine, versions, command).
-Each method trains a fresh copy of the packaged MiniLM (2-class head) on fixed
-random-token batches of exactly ``--tokens`` tokens (``--glue-dir`` uses real
-dynamically padded SST-2/RTE batches instead). Before timing, the script checks
-that each method's first-pass loss equals the plain FP/quantized forward on the
-same batch (a faster path must not change the loss).
+Every method trains its own copy of the packaged MiniLM (2-class head, W2A8 for
+the quantized methods, built as ``squat quantize`` builds it: fast CPU dropout,
+fused Adam). The methods take turns, one step each per round, so a slow
+moment of a shared machine hits all of them alike; each reported time is a
+median over rounds and each ratio the median of per-round ratios (same batch).
+The fp32 (and bf16) matmul peak is measured between rounds, for MFU.
+
+Batches: ``fixed`` is random tokens, exactly ``--tokens`` long; ``--glue TASK``
+adds real batches of that task's training set (``--data-dir`` or
+``$SQUAT_DATA_DIR``), shuffled and dynamically padded as ``squat`` trains.
+
+Before timing, each method's first-pass loss is checked against a plain forward
+of the same model on the same batch with the same dropout seed (a faster path
+must not change the loss). Pass times (one forward+backward, one optimizer
+step) give the floor each method's pass count implies.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -30,21 +41,22 @@ from squat_cli.glue import get_task  # noqa: E402
 from squat_cli.models import load_model  # noqa: E402
 from squat_cli.quant.convert import calibrate, quantize_model  # noqa: E402
 from squat_cli.recipe import QuantConfig, TrainConfig  # noqa: E402
+from squat_cli.train.fast_dropout import use_fast_dropout  # noqa: E402
 from squat_cli.train.loop import build_optimizers  # noqa: E402
-from squat_cli.train.strategies import StepContext, make_strategy  # noqa: E402
+from squat_cli.train.strategies import StepContext, default_clip, make_strategy  # noqa: E402
 
-METHODS = {  # name -> (strategy method, quantized?, step_size_grad)
-    "fp": ("fp", False, "fresh"),
-    "lsq": ("lsq", True, "fresh"),
-    "joint": ("joint", True, "fresh"),
-    "squat": ("squat", True, "fresh"),
-    "squat-reuse": ("squat", True, "reuse"),
-    "fp-sam": ("fp-sam", False, "fresh"),
-    "q8bert": ("q8bert", True, "fresh"),
+METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/backward passes per step)
+    "fp": ("fp", False, "fresh", 1),
+    "lsq": ("lsq", True, "fresh", 1),
+    "joint": ("joint", True, "fresh", 2),
+    "squat": ("squat", True, "fresh", 3),
+    "squat-reuse": ("squat", True, "reuse", 2),
+    "fp-sam": ("fp-sam", False, "fresh", 2),
+    "q8bert": ("q8bert", True, "fresh", 1),
 }
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     """Measured FLOP/s of a square matmul on this machine (the MFU denominator)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
@@ -55,15 +67,16 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def model_flops_per_step(model: torch.nn.Module, batch: int, seq: int) -> float:
-    """6 * params(non-embedding) * tokens + attention (fwd+bwd), the usual training estimate."""
+def model_flops(model: torch.nn.Module, batch: dict) -> float:
+    """6 * params(non-embedding) * tokens + attention (fwd+bwd), the usual training estimate, for one batch."""
     cfg = model.config
-    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "step" not in n)
+    bsz, seq = batch["input_ids"].shape
     attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq  # per token, fwd+bwd, QK^T and AV
-    return (6 * params + attn) * batch * seq
+    return (6 * params + attn) * bsz * seq
 
 
-def batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
+def fixed_batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(1000, 29000, (batch, tokens), generator=g),
              "attention_mask": torch.ones(batch, tokens, dtype=torch.int64),
@@ -71,92 +84,184 @@ def batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
              "labels": torch.randint(0, 2, (batch,), generator=g)} for _ in range(n)]
 
 
-def build(method: str, bits: int, precision: str):
-    strat, quantized, ssg = METHODS[method]
+batches = fixed_batches  # the name profile_step.py imports
+
+
+def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None) -> list[dict]:
+    """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them."""
+    from squat_cli.data import encode, load_split, resolve_data_dir, train_loader
+    from squat_cli.models import load_tokenizer
+
+    task = get_task(task_name)
+    tok = load_tokenizer("packaged-minilm")
+    enc = encode(load_split(task, "train", resolve_data_dir(data_dir), "local"), tok, max_len, task.is_regression)
+    out = []
+    for b in train_loader(enc, batch, seed=0, pad_id=tok.pad_token_id):
+        b["labels"] = b["labels"] % 2  # the benchmark's 2-class head
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def build(method: str, bits: int, precision: str, torch_dropout: bool = False):
+    strat, quantized, ssg, _ = METHODS[method]
     torch.manual_seed(0)
     model = load_model("packaged-minilm", get_task("sst2"))
     qcfg = None
     if quantized:
         qcfg = QuantConfig(method=strat, wbits=8 if strat == "q8bert" else bits, abits=8)
         quantize_model(model, qcfg)
-        calibrate(model, batches(1, 8, 32, seed=99))
-    model.train()
+        calibrate(model, fixed_batches(1, 8, 32, seed=99))
     train = TrainConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0)
+    if train.fast_dropout and not torch_dropout:
+        use_fast_dropout(model)  # what `squat` training does on CPU
+    model.train()
     w_opt, _, s_opt, _ = build_optimizers(model, train, qcfg, 100)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
-                      autocast=autocast, no_sync=contextlib.nullcontext, max_grad_norm=1.0, rho=0.1)
-    from squat_cli.train.strategies import default_clip
-
-    ctx.clip = default_clip
+                      autocast=autocast, no_sync=contextlib.nullcontext, max_grad_norm=1.0, clip=default_clip,
+                      rho=0.1)
     return model, make_strategy(strat, ctx, ssg), autocast
 
 
-def time_method(method: str, data: list[dict], warmup: int, bits: int, precision: str) -> tuple[float, float]:
-    model, strategy, autocast = build(method, bits, precision)
-    torch.manual_seed(1)  # same dropout masks for both; a copy, so EMA buffers (q8bert) are not advanced twice
+def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> None:
+    """The method's first-pass loss equals a plain forward (same weights, same dropout seed)."""
+    torch.manual_seed(1)  # a copy, so EMA buffers (q8bert) are not advanced twice
     with torch.no_grad(), autocast():
-        plain = float(copy.deepcopy(model)(**data[0]).loss)
+        plain = float(copy.deepcopy(model)(**batch).loss)
     torch.manual_seed(1)
-    first = strategy.step(data[0])  # loss of the first pass on the same batch, same weights
+    first = strategy.step(batch)
     if abs(first - plain) > 1e-4 * max(1.0, abs(plain)):
         raise SystemExit(f"{method}: first-pass loss {first} != plain forward {plain}")
-    times = []
-    for i, b in enumerate(data[1:]):
-        t = time.perf_counter()
-        strategy.step(b)
-        if i >= warmup - 1:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), first
+
+
+def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
+    """One forward+backward of the whole model (gradients discarded, no update)."""
+    t = time.perf_counter()
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    elapsed = time.perf_counter() - t
+    strategy.zero_all()
+    return elapsed
+
+
+def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, precision: str) -> dict:
+    built = {m: build(m, bits, precision) for m in names}
+    for m, (model, strategy, autocast) in built.items():
+        check_first_pass(m, model, strategy, autocast, data[0])
+    times: dict[str, list[float]] = {m: [] for m in names}
+    passes: dict[str, list[float]] = {m: [] for m in ("fp", "lsq") if m in names}
+    flops, peaks = [], {torch.float32: [], torch.bfloat16: []}
+    for r, batch in enumerate(data[1:]):
+        for m, (_, strategy, _) in built.items():
+            t = time.perf_counter()
+            strategy.step(batch)
+            if r >= warmup:
+                times[m].append(time.perf_counter() - t)
+        if r < warmup:
+            continue
+        for m in passes:
+            passes[m].append(fwd_bwd_time(*built[m], batch))
+        flops.append(model_flops(built[names[0]][0], batch))
+        for dt in peaks:
+            peaks[dt].append(matmul_peak(dt))
+        print(f"  round {r + 1 - warmup}/{len(data) - 1 - warmup}: "
+              + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in names), flush=True)
+    return {"times": times, "flops": flops, "peak32": statistics.median(peaks[torch.float32]),
+            "peak16": statistics.median(peaks[torch.bfloat16]), "passes": passes, "precision": precision}
+
+
+def ratio(res: dict, a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(res["times"][a], res["times"][b]))
+
+
+def floor_ratio(res: dict, m: str) -> str:
+    """Per round: (passes - 1) extra forward+backward passes on top of an LSQ step, over that LSQ step."""
+    base = "lsq" if METHODS[m][1] else "fp"
+    if base not in res["passes"] or "lsq" not in res["times"]:
+        return "-"
+    n = METHODS[m][3]
+    vals = [((n - 1) * fb + step) / lsq for fb, step, lsq in
+            zip(res["passes"][base], res["times"][base], res["times"]["lsq"])]
+    return f"{statistics.median(vals):.2f}x"
+
+
+def table(res: dict, title: str) -> list[str]:
+    t = res["times"]
+    med = {m: statistics.median(v) for m, v in t.items()}
+    lines = [f"### {title}", "",
+             "| method | passes | s/step (median) | vs fp | vs lsq | floor vs lsq |", "|---|---|---|---|---|---|"]
+    for m in t:
+        vs_fp = f"{ratio(res, m, 'fp'):.2f}x" if "fp" in t else "-"
+        vs_lsq = f"{ratio(res, m, 'lsq'):.2f}x" if "lsq" in t else "-"
+        lines.append(f"| {m} | {METHODS[m][3]} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
+    lines += ["", "floor: the method's forward+backward passes at the measured cost of one LSQ (fp-sam: FP) pass, "
+                  "plus one optimizer update, relative to the LSQ step of the same round."]
+    if res["passes"]:
+        lines.append("One forward+backward (median): " + ", ".join(
+            f"{m} {statistics.median(v):.3f} s" for m, v in res["passes"].items()))
+    if "fp" in t:
+        bf16 = res["precision"] == "bf16"
+        peak = res["peak16"] if bf16 else res["peak32"]
+        mfu = sum(res["flops"]) / sum(t["fp"]) / peak
+        lines += ["", f"FP step: {statistics.mean(res['flops']) / 1e9:.1f} GFLOP/step (model FLOPs); measured matmul "
+                      f"peak fp32 {res['peak32'] / 1e9:.1f} GFLOP/s, bf16 {res['peak16'] / 1e9:.1f} GFLOP/s; "
+                      f"**FP step MFU {100 * mfu:.0f}% of the measured {'bf16' if bf16 else 'fp32'} peak**"]
+    return lines + [""]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6, help="timed rounds (one step of each method per round)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--bf16", action="store_true", help="also time fp and squat under bf16 autocast")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--glue", default=None, help="also time real dynamically padded batches of these tasks (e.g. rte,sst2)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--bf16", action="store_true", help="also time fp, lsq and squat under bf16 autocast")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-steps.md")))
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    data = batches(args.steps + args.warmup + 1, args.batch, args.tokens)
-    rows = {}
-    for m in args.methods.split(","):
-        rows[m], _ = time_method(m, data, args.warmup, args.bits, "fp32")
-        print(f"{m:12s} {rows[m]:.3f} s/step", flush=True)
-    bf = {}
+    names = args.methods.split(",")
+    n = args.rounds + args.warmup + 1
+    sections = [("fixed", f"batch {args.batch} x {args.tokens} tokens (fixed length), fp32",
+                 fixed_batches(n, args.batch, args.tokens), names, "fp32")]
+    for task in (args.glue or "").split(","):
+        if task:
+            sections.append((task, f"batch {args.batch}, real {task.upper()} batches, dynamic padding "
+                                   f"(max {args.tokens}), fp32",
+                             glue_batches(task, n, args.batch, args.tokens, args.data_dir), names, "fp32"))
     if args.bf16:
-        for m in ("fp", "lsq", "squat"):
-            bf[m], _ = time_method(m, data, args.warmup, args.bits, "bf16")
-            print(f"{m:12s} bf16 {bf[m]:.3f} s/step", flush=True)
-    peak32 = matmul_peak(torch.float32)
-    peak16 = matmul_peak(torch.bfloat16)
-    model, _, _ = build("fp", args.bits, "fp32")
-    flops = model_flops_per_step(model, args.batch, args.tokens)
+        bf = [m for m in ("fp", "lsq", "squat") if m in names]
+        sections.append(("bf16", f"batch {args.batch} x {args.tokens} tokens, bf16 autocast",
+                         fixed_batches(n, args.batch, args.tokens), bf, "bf16"))
+    results = {}
+    for key, title, data, ms, precision in sections:
+        print(f"== {title}", flush=True)
+        results[key] = run_rounds(ms, data, args.warmup, args.bits, precision)
     lines = [
         "# Step-time benchmark", "",
-        f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
+        f"{platform.platform()}",
         f"- torch {torch.__version__}, python {platform.python_version()}",
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- batch {args.batch} x {args.tokens} tokens, all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods",
-        f"- measured matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s",
-        "", "| method | s/step (median) | vs fp | vs lsq |", "|---|---|---|---|",
+        f"- all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods (q8bert: W8A8); {args.rounds} timed rounds "
+        f"after {args.warmup} warm-up", "",
     ]
-    for m, t in rows.items():
-        vs_fp = f"{t / rows['fp']:.2f}x" if "fp" in rows else "-"
-        vs_lsq = f"{t / rows['lsq']:.2f}x" if "lsq" in rows else "-"
-        lines.append(f"| {m} | {t:.3f} | {vs_fp} | {vs_lsq} |")
-    if "fp" in rows:
-        mfu = flops / rows["fp"] / peak32
-        lines += ["", f"FP step model FLOPs {flops / 1e9:.1f} GFLOP; MFU vs measured fp32 peak: {100 * mfu:.0f}%"]
-    if bf:
-        lines += ["", "| method | fp32 s/step | bf16 s/step | speed-up |", "|---|---|---|---|"]
-        for m, t in bf.items():
-            lines.append(f"| {m} | {rows.get(m, float('nan')):.3f} | {t:.3f} | {rows.get(m, float('nan')) / t:.2f}x |")
-    text = "\n".join(lines) + "\n"
+    for key, title, *_ in sections:
+        lines += table(results[key], title)
+    if "bf16" in results:
+        f32, b16 = results["fixed"]["times"], results["bf16"]["times"]
+        lines += ["### bf16 autocast vs fp32 (fixed-length batches)", "",
+                  "| method | fp32 s/step | bf16 s/step | speed-up |", "|---|---|---|---|"]
+        for m in b16:
+            a, b = statistics.median(f32[m]), statistics.median(b16[m])
+            lines.append(f"| {m} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        lines.append("")
+    text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)
 

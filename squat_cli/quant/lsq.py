@@ -40,28 +40,48 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum_to_size(shape)
 
 
+def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(a * b)`` summed down to ``shape``; a single dot product (no temporary) for a per-tensor step."""
+    if shape.numel() == 1 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    if shape.numel() == 1:
+        return (a * b).sum(dtype=torch.float32).to(a.dtype).reshape(shape)
+    return _reduce_to(a * b, shape)
+
+
 class LsqFakeQuant(torch.autograd.Function):
-    """Fake-quantize ``x`` with step ``s``; backward gives LSQ's gradients (step grad scaled by ``g``)."""
+    """Fake-quantize ``x`` with step ``s``; backward gives LSQ's gradients (step grad scaled by ``g``).
+
+    The forward pass keeps only what the backward needs: the in-range mask, and
+    ``dQ/ds`` when the step is trained. With the step frozen (SQuAT's weight
+    passes) that is one boolean per element.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
         xs = x / s
         q = xs.clamp(qn, qp).round_()
-        ctx.save_for_backward(xs, q)
-        ctx.meta = (qn, qp, g, s.shape, s.requires_grad)
-        return q * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        xs, q = ctx.saved_tensors
-        qn, qp, g, s_shape, s_grad = ctx.meta
-        inside = (xs > qn) & (xs < qp)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
+        out = q * s
+        ctx.meta = (qn, qp, g, s.shape)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return out
+        inside = torch.gt(xs, qn).logical_and_(torch.lt(xs, qp))
         if ctx.needs_input_grad[1]:
             # inside: round(x/s) - x/s; clipped: q already equals Qn or Qp, and q - x/s is replaced by q.
             ds = torch.where(inside, q - xs, q)
-            grad_s = _reduce_to(grad * ds, s_shape) * g
+            ctx.save_for_backward(inside, ds)
+        else:
+            ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qn, qp, g, s_shape = ctx.meta
+        inside = ctx.saved_tensors[0]
+        grad_x = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = _sum_product(grad, ctx.saved_tensors[1], s_shape) * g
         return grad_x, grad_s, None, None, None
 
 

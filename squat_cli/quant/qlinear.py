@@ -38,6 +38,9 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> torch.Tensor:
         """Q(w, s) (+ eps while SAM's perturbation is applied)."""
         w = self.wq(self.weight)
+        if self.capture_grad and not w.requires_grad:
+            # SAM's ascent pass with w and s frozen needs d L / d Q(w) only: make Q(w) the leaf
+            w = w.detach().requires_grad_()
         if self.eps is not None:
             w = w + self.eps.to(w.dtype)
         if self.capture_grad and w.requires_grad:

@@ -26,6 +26,7 @@ from squat_cli.quant.convert import step_summary
 from squat_cli.quant.qlinear import step_parameters, weight_parameters
 from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
 from squat_cli.train.checkpoint import load_checkpoint, save_checkpoint
+from squat_cli.train.fast_dropout import use_fast_dropout
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy
 
 
@@ -60,10 +61,12 @@ def build_optimizers(
     for _, p in weight_parameters(core):
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the fused kernels do the whole update in one pass over each tensor (on CPU ~5x faster than foreach)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     if train.optimizer == "adamw":
-        w_opt = torch.optim.AdamW(groups, lr=train.lr)
+        w_opt = torch.optim.AdamW(groups, lr=train.lr, fused=fused or None)
     elif train.optimizer == "adam":
-        w_opt = torch.optim.Adam(groups, lr=train.lr)
+        w_opt = torch.optim.Adam(groups, lr=train.lr, fused=fused or None)
     else:
         w_opt = torch.optim.SGD(groups, lr=train.lr, momentum=0.9)
     warmup = int(round(train.warmup_ratio * total_steps))
@@ -167,6 +170,8 @@ def fit(
     total = total_steps(t, len(train_enc))
     w_opt, w_sched, s_opt, s_sched = build_optimizers(model, t, recipe.quant, total)
     distributed = acc.num_processes > 1
+    if t.fast_dropout and acc.device.type == "cpu":
+        use_fast_dropout(model)
     model = acc.prepare(model)
     core = acc.unwrap_model(model)
     ctx = StepContext(

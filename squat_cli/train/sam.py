@@ -28,13 +28,25 @@ class Perturbation:
         self.plain = [p for _, p in weight_parameters(model) if id(p) not in qweights]
         self.all_reduce = all_reduce
         self._saved: list[torch.Tensor] = []
+        self._frozen: list[torch.Tensor] = []
         self.active = False
 
     def capture(self, on: bool) -> None:
-        """Record d loss / d Q(w) in the next backward pass (``on``), or stop recording."""
+        """Record d loss / d Q(w) in the next backward pass (``on``), or stop recording.
+
+        While recording, the quantized layers' weights are frozen: the ascent needs
+        the gradient with respect to Q(w), not w, so the quantizer's backward and the
+        weight-gradient accumulation are skipped.
+        """
+        if on:
+            self._frozen = [m.weight for m in self.qlayers if m.weight.requires_grad]
         for m in self.qlayers:
             m.capture_grad = on
             m.qgrad = None
+        for w in self._frozen:
+            w.requires_grad_(not on)
+        if not on:
+            self._frozen = []
 
     def gradients(self) -> list[torch.Tensor]:
         grads = [m.qgrad if m.qgrad is not None else torch.zeros_like(m.weight) for m in self.qlayers]
