@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from squat_cli.compiled import FUSED_ENV  # noqa: E402
 from squat_cli.glue import get_task  # noqa: E402
 from squat_cli.models import load_model  # noqa: E402
 from squat_cli.quant.convert import calibrate, quantize_model  # noqa: E402
@@ -45,15 +46,35 @@ from squat_cli.train.fast_dropout import use_fast_dropout  # noqa: E402
 from squat_cli.train.loop import build_optimizers  # noqa: E402
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy  # noqa: E402
 
-METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/backward passes per step)
-    "fp": ("fp", False, "fresh", 1),
-    "lsq": ("lsq", True, "fresh", 1),
-    "joint": ("joint", True, "fresh", 2),
-    "squat": ("squat", True, "fresh", 3),
-    "squat-reuse": ("squat", True, "reuse", 2),
-    "fp-sam": ("fp-sam", False, "fresh", 2),
-    "q8bert": ("q8bert", True, "fresh", 1),
+METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/backward passes per step, variant)
+    "fp": ("fp", False, "fresh", 1, ""),
+    "lsq": ("lsq", True, "fresh", 1, ""),
+    "joint": ("joint", True, "fresh", 2, ""),
+    "squat": ("squat", True, "fresh", 3, ""),
+    "squat-reuse": ("squat", True, "reuse", 2, ""),
+    "fp-sam": ("fp-sam", False, "fresh", 2, ""),
+    "q8bert": ("q8bert", True, "fresh", 1, ""),
+    # the same methods with one speed option changed, to show what each option buys
+    "squat+aux-bf16": ("squat", True, "fresh", 3, "aux-bf16"),  # train.aux_precision=bf16
+    "squat-reuse+aux-bf16": ("squat", True, "reuse", 2, "aux-bf16"),
+    "fp+nn-dropout": ("fp", False, "fresh", 1, "nn-dropout"),  # train.fast_dropout=false
+    "lsq+unfused": ("lsq", True, "fresh", 1, "unfused"),  # SQUAT_FUSED=0
 }
+DEFAULT_METHODS = "fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert,squat+aux-bf16,squat-reuse+aux-bf16,fp+nn-dropout,lsq+unfused"
+
+
+@contextlib.contextmanager
+def fused_kernels(on: bool):
+    """SQUAT_FUSED for the duration (the unfused variant times the plain eager ops)."""
+    old = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[FUSED_ENV]
+        else:
+            os.environ[FUSED_ENV] = old
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
@@ -104,8 +125,8 @@ def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str
     return out
 
 
-def build(method: str, bits: int, precision: str, torch_dropout: bool = False):
-    strat, quantized, ssg, _ = METHODS[method]
+def build(method: str, bits: int, precision: str):
+    strat, quantized, ssg, _, variant = METHODS[method]
     torch.manual_seed(0)
     model = load_model("packaged-minilm", get_task("sst2"))
     qcfg = None
@@ -114,7 +135,7 @@ def build(method: str, bits: int, precision: str, torch_dropout: bool = False):
         quantize_model(model, qcfg)
         calibrate(model, fixed_batches(1, 8, 32, seed=99))
     train = TrainConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0)
-    if train.fast_dropout and not torch_dropout:
+    if train.fast_dropout and variant != "nn-dropout":
         use_fast_dropout(model)  # what `squat` training does on CPU
     model.train()
     w_opt, _, s_opt, _ = build_optimizers(model, train, qcfg, 100)
@@ -122,18 +143,27 @@ def build(method: str, bits: int, precision: str, torch_dropout: bool = False):
     ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
                       autocast=autocast, no_sync=contextlib.nullcontext, max_grad_norm=1.0, clip=default_clip,
                       rho=0.1)
+    if variant == "aux-bf16":
+        ctx.aux_autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return model, make_strategy(strat, ctx, ssg), autocast
 
 
-def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> None:
-    """The method's first-pass loss equals a plain forward (same weights, same dropout seed)."""
+def step(method: str, strategy, batch: dict) -> float:
+    with fused_kernels(METHODS[method][4] != "unfused"):
+        return strategy.step(batch)
+
+
+def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str:
+    """The method's first-pass loss equals a plain forward: same weights and dropout seed, unfused ops."""
+    first_autocast = strategy.ctx.aux_autocast if strategy.ctx.aux_autocast and METHODS[method][3] > 1 else autocast
     torch.manual_seed(1)  # a copy, so EMA buffers (q8bert) are not advanced twice
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), first_autocast(), fused_kernels(False):
         plain = float(copy.deepcopy(model)(**batch).loss)
     torch.manual_seed(1)
-    first = strategy.step(batch)
-    if abs(first - plain) > 1e-4 * max(1.0, abs(plain)):
+    first = step(method, strategy, batch)
+    if abs(first - plain) > 1e-5 * max(1.0, abs(plain)):
         raise SystemExit(f"{method}: first-pass loss {first} != plain forward {plain}")
+    return f"{method}: first-pass loss {first:.6f}, plain unfused forward {plain:.6f}"
 
 
 def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
@@ -149,15 +179,14 @@ def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
 
 def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, precision: str) -> dict:
     built = {m: build(m, bits, precision) for m in names}
-    for m, (model, strategy, autocast) in built.items():
-        check_first_pass(m, model, strategy, autocast, data[0])
+    checks = [check_first_pass(m, model, strategy, autocast, data[0]) for m, (model, strategy, autocast) in built.items()]
     times: dict[str, list[float]] = {m: [] for m in names}
     passes: dict[str, list[float]] = {m: [] for m in ("fp", "lsq") if m in names}
     flops, peaks = [], {torch.float32: [], torch.bfloat16: []}
     for r, batch in enumerate(data[1:]):
-        for m, (_, strategy, _) in built.items():
+        for m, (_, strategy, _) in built.items():  # noqa: B007
             t = time.perf_counter()
-            strategy.step(batch)
+            step(m, strategy, batch)
             if r >= warmup:
                 times[m].append(time.perf_counter() - t)
         if r < warmup:
@@ -170,7 +199,8 @@ def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, preci
         print(f"  round {r + 1 - warmup}/{len(data) - 1 - warmup}: "
               + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in names), flush=True)
     return {"times": times, "flops": flops, "peak32": statistics.median(peaks[torch.float32]),
-            "peak16": statistics.median(peaks[torch.bfloat16]), "passes": passes, "precision": precision}
+            "peak16": statistics.median(peaks[torch.bfloat16]), "passes": passes, "precision": precision,
+            "checks": checks}
 
 
 def ratio(res: dict, a: str, b: str) -> float:
@@ -180,7 +210,7 @@ def ratio(res: dict, a: str, b: str) -> float:
 def floor_ratio(res: dict, m: str) -> str:
     """Per round: (passes - 1) extra forward+backward passes on top of an LSQ step, over that LSQ step."""
     base = "lsq" if METHODS[m][1] else "fp"
-    if base not in res["passes"] or "lsq" not in res["times"]:
+    if METHODS[m][4] or base not in res["passes"] or "lsq" not in res["times"]:
         return "-"
     n = METHODS[m][3]
     vals = [((n - 1) * fb + step) / lsq for fb, step, lsq in
@@ -198,7 +228,9 @@ def table(res: dict, title: str) -> list[str]:
         vs_lsq = f"{ratio(res, m, 'lsq'):.2f}x" if "lsq" in t else "-"
         lines.append(f"| {m} | {METHODS[m][3]} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
     lines += ["", "floor: the method's forward+backward passes at the measured cost of one LSQ (fp-sam: FP) pass, "
-                  "plus one optimizer update, relative to the LSQ step of the same round."]
+                  "plus one optimizer update, relative to the LSQ step of the same round.",
+              "Same-loss checks (first pass vs a plain forward with the unfused ops, same batch and dropout seed): "
+              + "; ".join(res["checks"]) + "."]
     if res["passes"]:
         lines.append("One forward+backward (median): " + ", ".join(
             f"{m} {statistics.median(v):.3f} s" for m, v in res["passes"].items()))
@@ -219,7 +251,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--glue", default=None, help="also time real dynamically padded batches of these tasks (e.g. rte,sst2)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--bf16", action="store_true", help="also time fp, lsq and squat under bf16 autocast")

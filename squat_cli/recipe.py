@@ -68,6 +68,10 @@ class TrainConfig:
     eval_at_start: bool = False
     """Also evaluate before the first step (quantize: the converted model as it starts)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    aux_precision: Literal["same", "bf16"] = "same"
+    """Precision of the passes that only steer an update: SAM's ascent pass (eps) and SQuAT's
+    step-size pass. ``bf16`` runs them under bf16 autocast (the weight-update pass keeps
+    ``precision``): SAM and SQuAT steps get cheaper, eps and the step-size gradient slightly noisier."""
     log_every: int = 10
     save_every: Optional[int] = 500
     """Write a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only."""

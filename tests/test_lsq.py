@@ -167,3 +167,30 @@ def test_q8bert_max_quantizer():
     act.train()
     act(torch.tensor([4.0, -1.0]))
     assert act.running_max.item() == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
+
+
+@pytest.mark.parametrize("shape,step_shape", [((6, 40, 33), (1,)), ((24, 17), (1,)), ((24, 17), (24, 1))])
+@pytest.mark.parametrize("needs", ["x", "s", "both"])
+def test_fused_kernels_equal_the_unfused_ops(monkeypatch, shape, step_shape, needs):
+    """The compiled kernels give the eager ops' values exactly and the same gradients (up to summation order)."""
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(shape, generator=gen) * 0.3
+    s0 = torch.rand(step_shape, generator=gen) * 0.05 + 0.02
+    up = torch.randn(shape, generator=gen)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SQUAT_FUSED", flag)
+        x = x0.clone().requires_grad_(needs in ("x", "both"))
+        s = s0.clone().requires_grad_(needs in ("s", "both"))
+        q = lsq_quantize(x, s, -8, 7, 0.1)
+        (q * up).sum().backward()
+        results.append((q.detach(), x.grad, s.grad))
+    (qa, gxa, gsa), (qb, gxb, gsb) = results
+    assert torch.equal(qa, qb)
+    assert (gxa is None) == (gxb is None) and (gxa is None or torch.equal(gxa, gxb))
+    assert (gsa is None) == (gsb is None) and (gsa is None or torch.allclose(gsa, gsb, rtol=1e-5, atol=1e-7))
+    assert (gxa is not None) == (needs != "s") and (gsa is not None) == (needs != "x")
+    # the kernels in use really are compiled ones (a machine without a compiler would fall back)
+    from squat_cli.quant.lsq import fake_quant_kernel
+
+    assert not fake_quant_kernel.failed

@@ -227,3 +227,33 @@ def test_nonfinite_loss_is_reported():
         m.classifier.weight.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="non-finite loss .* at step 1"):
         _strategy(m, "lsq", 0.0).step(batches(1)[0])
+
+
+@pytest.mark.parametrize("step_size_grad", ["fresh", "reuse"])
+def test_aux_precision_runs_only_the_steering_passes_in_bf16(step_size_grad):
+    """train.aux_precision=bf16: SAM's ascent and SQuAT's step-size pass in bf16, the weight pass as the run."""
+    model, _ = _quantized(abits=8)
+    calibrate(model, batches(1, seed=5))
+    strategy = _strategy(model, "squat", RHO, step_size_grad=step_size_grad)
+    seen: list[str] = []
+    strategy.ctx.autocast = lambda: _tagged(seen, "main", contextlib.nullcontext())
+    strategy.ctx.aux_autocast = lambda: _tagged(seen, "aux", torch.autocast("cpu", dtype=torch.bfloat16))
+    dtypes = []
+    hook = model.classifier.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    for b in batches(2):
+        strategy.step(b)
+    hook.remove()
+    if step_size_grad == "fresh":  # ascent, weight pass, step-size pass
+        assert seen == ["aux", "main", "aux"] * 2
+        assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16] * 2
+    else:  # ascent (with the previous step's step-size gradient), weight pass
+        assert seen == ["aux", "main"] * 2
+        assert dtypes == [torch.bfloat16, torch.float32] * 2
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _tagged(seen: list, tag: str, inner):
+    seen.append(tag)
+    with inner:
+        yield

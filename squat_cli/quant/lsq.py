@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from squat_cli.compiled import fused
+
 MIN_STEP = 1e-8
 
 
@@ -31,57 +33,93 @@ def signed_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
-    if t.shape == shape:
-        return t
-    if len(shape) == 1 and shape[0] == 1:
-        return t.sum().reshape(shape)
-    return t.sum_to_size(shape)
+def _sum_rows(t: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Sum to one value (per-tensor step) or one per row (per-channel step, shape ``(C, 1)``)."""
+    return t.sum(dim=1, keepdim=True) if per_row else t.sum().reshape(1)
 
 
-def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``(a * b)`` summed down to ``shape``; a single dot product (no temporary) for a per-tensor step."""
-    if shape.numel() == 1 and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
-    if shape.numel() == 1:
-        return (a * b).sum(dtype=torch.float32).to(a.dtype).reshape(shape)
-    return _reduce_to(a * b, shape)
+# The kernels: ``x`` is 1-D (per-tensor step) or 2-D ``(C, K)`` with a ``(C, 1)`` step.
+# They compute in fp32 (fp64 for fp64 inputs) and return the input's dtype.
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _fake_quant(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    q = (_wide(x) / _wide(s)).clamp(qn, qp).round()
+    return (q * _wide(s)).to(x.dtype)
+
+
+def _grad_x(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    xs = _wide(x) / _wide(s)
+    return torch.where((xs > qn) & (xs < qp), grad, 0.0)
+
+
+def _grad_s(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, per_row: bool) -> torch.Tensor:
+    xs = _wide(x) / _wide(s)
+    q = xs.clamp(qn, qp).round()
+    # inside: round(x/s) - x/s; clipped: q already equals Qn or Qp, and q - x/s is replaced by q.
+    ds = torch.where((xs > qn) & (xs < qp), q - xs, q)
+    return _sum_rows(_wide(grad) * ds, per_row)
+
+
+def _grad_x_s(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, per_row: bool):
+    xs = _wide(x) / _wide(s)
+    q = xs.clamp(qn, qp).round()
+    inside = (xs > qn) & (xs < qp)
+    ds = torch.where(inside, q - xs, q)
+    return torch.where(inside, grad, 0.0), _sum_rows(_wide(grad) * ds, per_row)
+
+
+fake_quant_kernel = fused(_fake_quant)
+grad_x_kernel = fused(_grad_x)
+grad_s_kernel = fused(_grad_s)
+grad_x_s_kernel = fused(_grad_x_s)
+
+
+def _as_kernel_shape(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1-D for a per-tensor step; ``(C, K)`` for a per-row step (the weight matrix)."""
+    return t.reshape(-1) if s.numel() == 1 else t.reshape(s.shape[0], -1)
 
 
 class LsqFakeQuant(torch.autograd.Function):
     """Fake-quantize ``x`` with step ``s``; backward gives LSQ's gradients (step grad scaled by ``g``).
 
-    The forward pass keeps only what the backward needs: the in-range mask, and
-    ``dQ/ds`` when the step is trained. With the step frozen (SQuAT's weight
-    passes) that is one boolean per element.
+    Value and gradients are each one fused elementwise kernel (``squat_cli.compiled``).
+    The forward pass keeps only ``x`` and ``s`` (references, no copies); the
+    backward recomputes ``x / s``, which costs less than storing masks and
+    ``dQ/ds`` and reading them back. Arithmetic is in fp32 for any input dtype.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
-        xs = x / s
-        q = xs.clamp(qn, qp).round_()
-        out = q * s
-        ctx.meta = (qn, qp, g, s.shape)
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return out
-        inside = torch.gt(xs, qn).logical_and_(torch.lt(xs, qp))
-        if ctx.needs_input_grad[1]:
-            # inside: round(x/s) - x/s; clipped: q already equals Qn or Qp, and q - x/s is replaced by q.
-            ds = torch.where(inside, q - xs, q)
-            ctx.save_for_backward(inside, ds)
-        else:
-            ctx.save_for_backward(inside)
+        if s.numel() != 1 and (x.dim() != 2 or s.shape != (x.shape[0], 1)):
+            raise ValueError(f"a step of shape {tuple(s.shape)} needs a (C, K) input, got {tuple(x.shape)}")
+        # detached: the kernels see plain tensors (one compiled graph whatever needs gradients)
+        out = fake_quant_kernel(_as_kernel_shape(x.detach(), s), s.detach(), qn, qp).view(x.shape)
+        ctx.meta = (qn, qp, g)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, s)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qn, qp, g, s_shape = ctx.meta
-        inside = ctx.saved_tensors[0]
-        grad_x = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            grad_s = _sum_product(grad, ctx.saved_tensors[1], s_shape) * g
+        qn, qp, g = ctx.meta
+        x, s = (t.detach() for t in ctx.saved_tensors)
+        gk, xk = _as_kernel_shape(grad.detach(), s), _as_kernel_shape(x, s)
+        per_row = s.numel() != 1
+        grad_x = grad_s = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            grad_x, grad_s = grad_x_s_kernel(gk, xk, s, qn, qp, per_row)
+        elif ctx.needs_input_grad[0]:
+            grad_x = grad_x_kernel(gk, xk, s, qn, qp)
+        elif ctx.needs_input_grad[1]:
+            grad_s = grad_s_kernel(gk, xk, s, qn, qp, per_row)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        if grad_s is not None:
+            grad_s = (grad_s * g).reshape(s.shape).to(s.dtype)
         return grad_x, grad_s, None, None, None
 
 

@@ -82,6 +82,14 @@ def build_optimizers(
     return w_opt, w_sched, s_opt, s_sched
 
 
+def aux_autocast(train: TrainConfig, acc) -> Optional[Callable]:
+    """Autocast for the passes that make no weight update (``train.aux_precision``); None: as the run."""
+    if train.aux_precision == "same" or train.precision == train.aux_precision:
+        return None
+    device_type = acc.device.type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -127,6 +135,8 @@ class FitResult:
     epochs: float = 0.0
     train_examples: int = 0
     wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    """Wall time of the training steps alone (without evaluation and checkpoints)."""
     train_loss: float = float("nan")
 
 
@@ -178,7 +188,7 @@ def fit(
         model=model, core=core, w_opt=w_opt, s_opt=s_opt, backward=acc.backward, autocast=acc.autocast,
         no_sync=lambda: acc.no_sync(model), max_grad_norm=t.max_grad_norm, clip=default_clip,
         rho=recipe.sam.rho, grad_mean=(lambda g: acc.reduce(g, "mean")) if distributed else None,
-        sync_perturbation=recipe.sam.sync_perturbation,
+        sync_perturbation=recipe.sam.sync_perturbation, aux_autocast=aux_autocast(t, acc),
     )
     qcfg = recipe.quant
     strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")
@@ -202,6 +212,7 @@ def fit(
 
     def run_eval(at_epoch: float) -> None:
         nonlocal last_metrics
+        t0 = time.perf_counter()
         m = evaluate(core, task, dev, t.eval_batch_size, pad_id, device, acc.autocast)
         recent = st["recent"]
         rec = {"step": st["step"], "epoch": round(at_epoch, 4), **m,
@@ -213,13 +224,16 @@ def fit(
             on_eval(rec)
         shown = ", ".join(f"{k} {m[k]:.4f}" for k in task.metric_names())
         reporter.message(f"step {st['step']} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
+        st["overhead"] = st.get("overhead", 0.0) + time.perf_counter() - t0
 
     def save() -> None:
         if checkpoint_dir is None or not acc.is_main_process:
             return
-        st["elapsed"] = time.perf_counter() - start
+        t0 = time.perf_counter()
+        st["elapsed"] = t0 - start
         st["strategy_steps"] = strategy.step_count
         save_checkpoint(checkpoint_dir, core, optimizers, schedulers, st)
+        st["overhead"] = st.get("overhead", 0.0) + time.perf_counter() - t0
 
     try:
         if t.eval_at_start and st["step"] == 0 and not st["history"]:
@@ -261,9 +275,10 @@ def fit(
     finally:
         reporter.stop()
     recent = st["recent"]
+    wall = time.perf_counter() - start
     return FitResult(
         metrics=last_metrics, history=st["history"], steps=st["step"], epochs=st["step"] / spe,
-        train_examples=len(train_enc), wall_time_s=time.perf_counter() - start,
+        train_examples=len(train_enc), wall_time_s=wall, train_time_s=wall - st.get("overhead", 0.0),
         train_loss=float(np.mean(recent)) if recent else float("nan"),
     )
 

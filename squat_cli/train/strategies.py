@@ -57,6 +57,9 @@ class StepContext:
     """Mean over processes (None in a single process)."""
     sync_perturbation: bool = False
     """Average SAM's ascent gradient over processes (default: each process its own eps)."""
+    aux_autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
+    """Autocast of the passes that make no weight update (SAM's ascent, SQuAT's step-size pass);
+    None: ``autocast``."""
 
 
 class Strategy:
@@ -73,8 +76,10 @@ class Strategy:
         self.step_count = 0
 
     # helpers -------------------------------------------------------------
-    def loss(self, batch: dict) -> torch.Tensor:
-        with self.ctx.autocast():
+    def loss(self, batch: dict, aux: bool = False) -> torch.Tensor:
+        """The model's loss on ``batch``; ``aux``: a pass that makes no weight update (its own precision)."""
+        autocast = self.ctx.aux_autocast if aux and self.ctx.aux_autocast is not None else self.ctx.autocast
+        with autocast():
             out = self.ctx.model(**batch)
         loss = out.loss
         if not torch.isfinite(loss.detach()):
@@ -147,7 +152,7 @@ class JointSam(Strategy):
         self.perturb.capture(True)
         try:
             with self.ctx.no_sync():
-                loss = self.loss(batch)
+                loss = self.loss(batch, aux=True)
                 self._backward(loss)
             self.perturb.apply(self.ctx.rho)
         finally:
@@ -194,7 +199,7 @@ class SQuAT(JointSam):
             # pass 3: step-size step at Q(w_{t+1}, s_t), w fixed
             self._set_grad(self.w_params, False)
             try:
-                self._backward(self.loss(batch))
+                self._backward(self.loss(batch, aux=True))
             finally:
                 self._set_grad(self.w_params, True)
             self._step_s()
@@ -206,7 +211,7 @@ class SQuAT(JointSam):
         self.perturb.capture(True)
         try:
             with self.ctx.no_sync():
-                loss = self.loss(batch)
+                loss = self.loss(batch, aux=True)
                 self._backward(loss)
             if self.step_count > 0:
                 if self.ctx.grad_mean is not None:  # pass 1 ran without sync; the s step is synced
