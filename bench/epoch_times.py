@@ -105,6 +105,7 @@ def main() -> None:
                     help="time only this many steps of the max-length Trainer run and scale to an epoch")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-epochs.md")))
+    ap.add_argument("--json", default=None, help="also write the epoch times as JSON here")
     args = ap.parse_args()
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
@@ -142,6 +143,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({task: res for task, res in rows}, indent=1))
 
 
 if __name__ == "__main__":

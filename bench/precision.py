@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,43")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-precision.md")))
+    ap.add_argument("--json", default=None, help="also write the times and metrics as JSON here")
     args = ap.parse_args()
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
@@ -80,6 +81,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"metric": task.main_metric, "runs": res}, indent=1))
 
 
 if __name__ == "__main__":

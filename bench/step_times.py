@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import platform
 import statistics
@@ -148,14 +149,19 @@ def build(method: str, bits: int, precision: str):
     return model, make_strategy(strat, ctx, ssg), autocast
 
 
+def base(method: str) -> str:
+    """``lsq@bf16`` -> ``lsq``: a method name with its precision suffix removed."""
+    return method.split("@")[0]
+
+
 def step(method: str, strategy, batch: dict) -> float:
-    with fused_kernels(METHODS[method][4] != "unfused"):
+    with fused_kernels(METHODS[base(method)][4] != "unfused"):
         return strategy.step(batch)
 
 
 def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str:
     """The method's first-pass loss equals a plain forward: same weights and dropout seed, unfused ops."""
-    first_autocast = strategy.ctx.aux_autocast if strategy.ctx.aux_autocast and METHODS[method][3] > 1 else autocast
+    first_autocast = strategy.ctx.aux_autocast if strategy.ctx.aux_autocast and METHODS[base(method)][3] > 1 else autocast
     torch.manual_seed(1)  # a copy, so EMA buffers (q8bert) are not advanced twice
     with torch.no_grad(), first_autocast(), fused_kernels(False):
         plain = float(copy.deepcopy(model)(**batch).loss)
@@ -178,7 +184,7 @@ def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
 
 
 def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, precision: str) -> dict:
-    built = {m: build(m, bits, precision) for m in names}
+    built = {m: build(base(m), bits, "bf16" if m.endswith("@bf16") else precision) for m in names}
     checks = [check_first_pass(m, model, strategy, autocast, data[0]) for m, (model, strategy, autocast) in built.items()]
     times: dict[str, list[float]] = {m: [] for m in names}
     passes: dict[str, list[float]] = {m: [] for m in ("fp", "lsq") if m in names}
@@ -209,12 +215,14 @@ def ratio(res: dict, a: str, b: str) -> float:
 
 def floor_ratio(res: dict, m: str) -> str:
     """Per round: (passes - 1) extra forward+backward passes on top of an LSQ step, over that LSQ step."""
-    base = "lsq" if METHODS[m][1] else "fp"
-    if METHODS[m][4] or base not in res["passes"] or "lsq" not in res["times"]:
+    if "@" in m:
+        return "-"
+    ref = "lsq" if METHODS[m][1] else "fp"
+    if METHODS[m][4] or ref not in res["passes"] or "lsq" not in res["times"]:
         return "-"
     n = METHODS[m][3]
     vals = [((n - 1) * fb + step) / lsq for fb, step, lsq in
-            zip(res["passes"][base], res["times"][base], res["times"]["lsq"])]
+            zip(res["passes"][ref], res["times"][ref], res["times"]["lsq"])]
     return f"{statistics.median(vals):.2f}x"
 
 
@@ -226,7 +234,7 @@ def table(res: dict, title: str) -> list[str]:
     for m in t:
         vs_fp = f"{ratio(res, m, 'fp'):.2f}x" if "fp" in t else "-"
         vs_lsq = f"{ratio(res, m, 'lsq'):.2f}x" if "lsq" in t else "-"
-        lines.append(f"| {m} | {METHODS[m][3]} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
+        lines.append(f"| {m} | {METHODS[base(m)][3]} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
     lines += ["", "floor: the method's forward+backward passes at the measured cost of one LSQ (fp-sam: FP) pass, "
                   "plus one optimizer update, relative to the LSQ step of the same round.",
               "Same-loss checks (first pass vs a plain forward with the unfused ops, same batch and dropout seed): "
@@ -256,6 +264,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--bf16", action="store_true", help="also time fp, lsq and squat under bf16 autocast")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-steps.md")))
+    ap.add_argument("--json", default=None, help="also write the medians and ratios as JSON here")
     args = ap.parse_args()
     names = args.methods.split(",")
     n = args.rounds + args.warmup + 1
@@ -266,10 +275,10 @@ def main() -> None:
             sections.append((task, f"batch {args.batch}, real {task.upper()} batches, dynamic padding "
                                    f"(max {args.tokens}), fp32",
                              glue_batches(task, n, args.batch, args.tokens, args.data_dir), names, "fp32"))
-    if args.bf16:
-        bf = [m for m in ("fp", "lsq", "squat") if m in names]
-        sections.append(("bf16", f"batch {args.batch} x {args.tokens} tokens, bf16 autocast",
-                         fixed_batches(n, args.batch, args.tokens), bf, "bf16"))
+    if args.bf16:  # fp32 and bf16 of each method, interleaved
+        bf = [v for m in ("fp", "lsq", "squat") if m in names for v in (m, f"{m}@bf16")]
+        sections.append(("bf16", f"batch {args.batch} x {args.tokens} tokens, fp32 and bf16 autocast (`@bf16`)",
+                         fixed_batches(n, args.batch, args.tokens), bf, "fp32"))
     results = {}
     for key, title, data, ms, precision in sections:
         print(f"== {title}", flush=True)
@@ -285,17 +294,36 @@ def main() -> None:
     ]
     for key, title, *_ in sections:
         lines += table(results[key], title)
+    summary: dict = {"sections": {}}
+    for key, res in results.items():
+        t = res["times"]
+        sec = {"median_s": {m: statistics.median(v) for m, v in t.items()}, "ratios": {}}
+        for a, b in (("lsq", "fp"), ("squat", "lsq"), ("squat-reuse", "lsq"), ("joint", "lsq"), ("fp-sam", "fp"),
+                     ("squat+aux-bf16", "lsq"), ("squat-reuse+aux-bf16", "lsq"), ("fp+nn-dropout", "fp"),
+                     ("lsq+unfused", "lsq")):
+            if a in t and b in t:
+                sec["ratios"][f"{a}/{b}"] = ratio(res, a, b)
+        if "fp" in t and res["precision"] == "fp32":
+            sec["mfu_fp32"] = sum(res["flops"]) / sum(t["fp"]) / res["peak32"]
+        sec["peak_fp32"], sec["peak_bf16"] = res["peak32"], res["peak16"]
+        summary["sections"][key] = sec
     if "bf16" in results:
-        f32, b16 = results["fixed"]["times"], results["bf16"]["times"]
-        lines += ["### bf16 autocast vs fp32 (fixed-length batches)", "",
-                  "| method | fp32 s/step | bf16 s/step | speed-up |", "|---|---|---|---|"]
-        for m in b16:
-            a, b = statistics.median(f32[m]), statistics.median(b16[m])
-            lines.append(f"| {m} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        b = results["bf16"]
+        lines += ["### bf16 autocast vs fp32 (same rounds, fixed-length batches)", "",
+                  "| method | fp32 s/step | bf16 s/step | speed-up (median of rounds) |", "|---|---|---|---|"]
+        summary["bf16_speedup"] = {}
+        for m in ("fp", "lsq", "squat"):
+            if m in b["times"]:
+                up = ratio(b, m, f"{m}@bf16")
+                summary["bf16_speedup"][m] = up
+                lines.append(f"| {m} | {statistics.median(b['times'][m]):.3f} | "
+                             f"{statistics.median(b['times'][m + '@bf16']):.3f} | {up:.2f}x |")
         lines.append("")
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

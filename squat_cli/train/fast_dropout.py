@@ -28,59 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squat_cli.compiled import fused
-
-
-def _random_words(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` independent uniform int32 words (two per 64-bit draw)."""
-    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    return words.view(torch.int32)[:n]
-
-
-def _threshold(p: float) -> int | None:
-    """Keep a word ``b`` when ``b < threshold``: ``b + 2^31`` is uniform on [0, 2^32); None: keep all."""
-    threshold = round((1.0 - p) * 2**32) - 2**31
-    return None if threshold > 2**31 - 1 else threshold
-
 
 def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean mask, each element True with probability ``1 - p`` (to 2^-32), independently."""
-    threshold = _threshold(p)
-    bits = _random_words(math.prod(shape), generator)
-    if threshold is None:
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    bits = words.view(torch.int32)[:n]
+    # bits is uniform over int32; keep when bits + 2^31 < round((1 - p) * 2^32)
+    threshold = round((1.0 - p) * 2**32) - 2**31
+    if threshold > 2**31 - 1:
         return torch.ones(shape, dtype=torch.bool)
     return (bits < threshold).view(shape)
-
-
-def _masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int, scale: float):
-    keep = bits < threshold
-    return torch.where(keep, x * scale, 0.0), keep
-
-
-def _masked_scale_grad(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.where(keep, grad * scale, 0.0)
-
-
-masked_scale_kernel = fused(_masked_scale)
-masked_scale_grad_kernel = fused(_masked_scale_grad)
-
-
-class _Dropout(torch.autograd.Function):
-    """Mask and scale in one fused pass; the backward reuses the boolean mask."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, threshold: int) -> torch.Tensor:
-        bits = _random_words(x.numel())
-        scale = 1.0 / (1.0 - p)
-        out, keep = masked_scale_kernel(x.detach().reshape(-1), bits, threshold, scale)
-        ctx.scale = scale
-        ctx.save_for_backward(keep)
-        return out.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return masked_scale_grad_kernel(grad.detach().reshape(-1), keep, ctx.scale).view(grad.shape), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -89,10 +47,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
-    threshold = _threshold(p)
-    if threshold is None:  # p below 2^-33: every element kept
-        return x * (1.0 / (1.0 - p))
-    return _Dropout.apply(x, p, threshold)
+    scaled = keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * scaled
 
 
 class FastDropout(nn.Dropout):

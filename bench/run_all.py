@@ -1,0 +1,138 @@
+"""Run every benchmark and write ``bench/RESULTS.md``: the speed goals, met or not, then each report.
+
+    python bench/run_all.py [--quick] [--data-dir DIR] [--skip steps,epochs,precision,profile]
+
+Runs, one after another (never two at once: they would share the cores):
+
+1. ``step_times.py``: every method's step time at 32 x 128 tokens and on real
+   RTE and SST-2 batches, ratios, MFU, bf16 vs fp32;
+2. ``epoch_times.py``: ``squat finetune`` vs ``transformers.Trainer`` epochs on CoLA and RTE;
+3. ``precision.py``: bf16 vs fp32 time and dev accuracy after a short SST-2 run;
+4. ``profile_step.py``: which ops take the time of an FP, an LSQ and a SQuAT step.
+
+Each writes its own ``RESULTS-*.md`` (kept, for the details); this script puts
+the goal table on top. ``--quick`` shrinks every workload (a smoke run of the
+scripts; its numbers mean little). A part already measured can be skipped
+(``--skip``): its last JSON is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, *args: str) -> None:
+    cmd = [sys.executable, str(HERE / script), *args]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def goal_rows(steps: dict, epochs: dict, prec: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(goal, measured, what bounds it / note, met?) for each of the performance issue's goals."""
+    rows = []
+    fixed = steps.get("sections", {}).get("fixed", {})
+    r = fixed.get("ratios", {})
+
+    def add(goal: str, value: float | None, limit: float, fmt: str, note: str = "", higher_better: bool = False):
+        if value is None:
+            rows.append((goal, "not measured", note, None))
+            return
+        met = value >= limit if higher_better else value <= limit
+        rows.append((goal, fmt.format(value), note, met))
+
+    add("LSQ step <= 1.15x FP step", r.get("lsq/fp"), 1.15, "{:.2f}x")
+    add("SQuAT reuse <= 1.6x LSQ step", r.get("squat-reuse/lsq"), 1.6, "{:.2f}x",
+        "2 full passes; see the pass-time floor")
+    add("SQuAT literal <= 2.6x LSQ step", r.get("squat/lsq"), 2.6, "{:.2f}x", "3 full passes; see the pass-time floor")
+    add("(option) SQuAT reuse, train.aux_precision=bf16, <= 1.6x LSQ", r.get("squat-reuse+aux-bf16/lsq"), 1.6,
+        "{:.2f}x", "ascent pass in bf16")
+    add("(option) SQuAT literal, train.aux_precision=bf16, <= 2.6x LSQ", r.get("squat+aux-bf16/lsq"), 2.6,
+        "{:.2f}x", "ascent and step-size passes in bf16")
+    mfu = fixed.get("mfu_fp32")
+    add("FP step MFU >= 80% of measured fp32 matmul peak", None if mfu is None else 100 * mfu, 80, "{:.0f}%",
+        higher_better=True)
+    up = steps.get("bf16_speedup", {}).get("fp")
+    runs = prec.get("runs", {})
+    acc_note = ""
+    if runs:
+        metric = prec["metric"]
+        mean = {p: sum(m[metric] for m in ms) / len(ms) for p, ms in runs.items()}
+        t = {p: sum(m["train_time_s"] for m in ms) / len(ms) for p, ms in runs.items()}
+        acc_note = (f"short SST-2 run: {metric} fp32 {100 * mean['fp32']:.2f} vs bf16 {100 * mean['bf16']:.2f}; "
+                    f"run time {t['fp32'] / t['bf16']:.2f}x faster")
+    add("bf16 >= 1.5x faster than fp32 (FP step, 32 x 128)", up, 1.5, "{:.2f}x", acc_note, higher_better=True)
+    for task in ("cola", "rte"):
+        res = epochs.get(task)
+        if not res:
+            continue
+        ours = res["squat finetune (dynamic padding)"]["time"]
+        mx = res["Trainer, padding to max length"]["time"]
+        dyn = res["Trainer, dynamic padding"]["time"]
+        if task == "cola":
+            add("squat finetune epoch <= 0.5x Trainer max-length epoch (CoLA)", ours / mx, 0.5, "{:.2f}x",
+                f"{ours:.0f} s vs {mx:.0f} s")
+        add(f"squat finetune epoch <= Trainer dynamic-padding epoch ({task.upper()})", ours / dyn, 1.0, "{:.2f}x",
+            f"{ours:.0f} s vs {dyn:.0f} s")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny workloads: checks the scripts, not the speed")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--skip", default="", help="parts to reuse from their last JSON: steps,epochs,precision,profile")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    if "steps" not in skip:
+        shape = ["--rounds", "1", "--warmup", "0", "--batch", "4", "--tokens", "16"] if args.quick else []
+        run("step_times.py", *shape, "--glue", "rte,sst2", "--bf16", *data, "--json", str(HERE / "steps.json"))
+    if "epochs" not in skip:
+        extra = ["--tasks", "wnli", "--trainer-max-steps", "2"] if args.quick else ["--trainer-max-steps", "60"]
+        run("epoch_times.py", *extra, *data, "--json", str(HERE / "epochs.json"))
+    if "precision" not in skip:
+        extra = ["--train-subset", "64", "--seeds", "42"] if args.quick else []
+        run("precision.py", *extra, *data, "--json", str(HERE / "precision.json"))
+    if "profile" not in skip:
+        shape = ["--batch", "4", "--tokens", "16", "--steps", "1"] if args.quick else []
+        for method in ("fp", "lsq", "squat"):
+            run("profile_step.py", "--method", method, *shape, "--out", str(HERE / f"PROFILE-{method}.md"))
+
+    def load(name: str) -> dict:
+        path = HERE / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    rows = goal_rows(load("steps.json"), load("epochs.json"), load("precision.json"))
+    lines = ["# Benchmark results", "",
+             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
+             f"{platform.platform()}",
+             f"- torch {torch.__version__}, python {platform.python_version()}",
+             f"- command: `python {' '.join(sys.argv)}`" + (" (quick: numbers are not meaningful)" if args.quick else ""),
+             "", "## Goals", "", "| goal | measured | met | note |", "|---|---|---|---|"]
+    for goal, value, note, met in rows:
+        lines.append(f"| {goal} | {value} | {'-' if met is None else ('yes' if met else '**no**')} | {note} |")
+    lines.append("")
+    for part in ("RESULTS-steps.md", "RESULTS-epochs.md", "RESULTS-precision.md", "PROFILE-fp.md", "PROFILE-lsq.md",
+                 "PROFILE-squat.md"):
+        path = HERE / part
+        if path.is_file():
+            text = path.read_text().replace("\n# ", "\n## ").replace("\n### ", "\n#### ")
+            lines += ["#" + text if text.startswith("# ") else text, ""]
+    text = "\n".join(lines)
+    print("\n".join(lines[: 12 + len(rows)]))
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
