@@ -11,7 +11,9 @@ saved), three ways:
   padding; its ``metrics.json`` gives the time of the training steps alone;
 - ``Trainer`` with ``run_glue``'s default: every example padded to
   ``--max-length`` tokens;
-- ``Trainer`` with dynamic padding (``DataCollatorWithPadding``).
+- ``Trainer`` with dynamic padding (``DataCollatorWithPadding``);
+- ``squat finetune`` again with ``train.group_by_length=true`` (batches of
+  similar lengths: less padding, other batch composition).
 
 Both read the same GLUE TSV files (``--data-dir`` or ``$SQUAT_DATA_DIR``) and
 tokenize with the same tokenizer and truncation. Trainer's time is its own
@@ -41,12 +43,14 @@ from squat_cli.glue import get_task  # noqa: E402
 from squat_cli.models import resolve_model_path  # noqa: E402
 
 
-def squat_epoch(task: str, batch: int, max_length: int, data_dir: Path, workdir: Path) -> dict:
-    out = workdir / f"squat-{task}"
+def squat_epoch(task: str, batch: int, max_length: int, data_dir: Path, workdir: Path, *sets: str) -> dict:
+    out = workdir / f"squat-{task}-{len(sets)}"
     cmd = [sys.executable, "-m", "squat_cli", "finetune", "--task", task, "--model", "packaged-minilm",
            "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1", "--force",
            "--set", f"train.batch_size={batch}", "--set", f"data.max_seq_length={max_length}",
            "--set", "train.eval_strategy=end", "--set", "train.save_model=false", "--set", "train.save_every=null"]
+    for kv in sets:
+        cmd += ["--set", kv]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     return {"time": metrics["train_time_s"], "steps": metrics["steps"], "scaled_from": None,
@@ -120,6 +124,8 @@ def main() -> None:
                                                                 dynamic=False, max_steps=args.trainer_max_steps),
                 "Trainer, dynamic padding": trainer_epoch(task, args.batch, args.max_length, data_dir, work,
                                                           dynamic=True, max_steps=None),
+                "squat finetune, train.group_by_length=true": squat_epoch(
+                    task, args.batch, args.max_length, data_dir, work, "train.group_by_length=true"),
             }
             for name, r in res.items():
                 print(f"{task}: {name}: {r['time']:.1f} s/epoch", flush=True)

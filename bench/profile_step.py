@@ -25,8 +25,11 @@ from step_times import batches, build  # noqa: E402
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::matmul",
                "aten::linear", "mkldnn"),
-    "fake-quant": ("LsqFakeQuant", "_SymmetricMaxQuant", "aten::round", "aten::clamp", "aten::where", "aten::div"),
-    "optimizer": ("Optimizer.step", "aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt"),
+    "fake-quant": ("LsqFakeQuant", "_SymmetricMaxQuant", "CompiledFxGraph", "aten::round", "aten::clamp", "aten::where",
+                   "aten::div"),  # the compiled graphs are the fused LSQ kernels
+    "optimizer": ("Optimizer.step", "aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::_fused_adam"),
+    "dropout masks": ("aten::random_",),
+    "gelu, softmax, layernorm": ("aten::gelu", "aten::_softmax", "aten::native_layer_norm"),
 }
 
 

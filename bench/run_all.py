@@ -11,7 +11,8 @@ Runs, one after another (never two at once: they would share the cores):
 4. ``profile_step.py``: which ops take the time of an FP, an LSQ and a SQuAT step.
 
 Each writes its own ``RESULTS-*.md`` (kept, for the details); this script puts
-the goal table on top. ``--quick`` shrinks every workload (a smoke run of the
+the goal table on top, then ``bench/NOTES.md`` (the written analysis, by
+hand). ``--quick`` shrinks every workload (a smoke run of the
 scripts; its numbers mean little). A part already measured can be skipped
 (``--skip``): its last JSON is reused.
 """
@@ -123,6 +124,9 @@ def main() -> None:
     for goal, value, note, met in rows:
         lines.append(f"| {goal} | {value} | {'-' if met is None else ('yes' if met else '**no**')} | {note} |")
     lines.append("")
+    notes = HERE / "NOTES.md"  # the hand-written reading of these numbers: what bounds each goal not met
+    if notes.is_file():
+        lines += [notes.read_text().replace("\n# ", "\n## ").replace("\n### ", "\n#### "), ""]
     for part in ("RESULTS-steps.md", "RESULTS-epochs.md", "RESULTS-precision.md", "PROFILE-fp.md", "PROFILE-lsq.md",
                  "PROFILE-squat.md"):
         path = HERE / part

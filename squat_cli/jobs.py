@@ -108,7 +108,7 @@ def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dic
         "epochs": round(result.epochs, 4),
         "train_loss": result.train_loss,
         "wall_time_s": round(result.wall_time_s, 2),
-        "train_time_s": round(result.train_time_s, 2),
+        "train_time_s": round(result.train_time_s, 3),
         "train_samples_per_s": round(result.train_examples * result.epochs / max(result.train_time_s, 1e-9), 2),
     }
     out.update(extra)

@@ -90,6 +90,27 @@ def test_bf16_end_to_end(tmp_path, glue_dir, fp_run, method):
     assert json.loads((run / "environment.json").read_text())["precision"] == "bf16"
 
 
+def test_aux_precision_end_to_end(tmp_path, glue_dir, fp_run):
+    """squat with train.aux_precision=bf16 through the CLI: trains, records the choice; the loop's autocasts."""
+    from squat_cli.recipe import TrainConfig
+    from squat_cli.train.loop import aux_autocast, make_accelerator
+
+    _copy_fp(fp_run, tmp_path)
+    res = runner.invoke(app, ["quantize", "--task", "rte", "--method", "squat", "--wbits", "2", "--data-dir",
+                              str(glue_dir), "--out", str(tmp_path), *SETS, "--set", "train.max_steps=3",
+                              "--set", "train.aux_precision=bf16", "--set", "train.lr=1e-3"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "rte" / "squat-w2a8" / "seed42"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 3 and torch.isfinite(torch.tensor(m["eval_loss"]))
+    assert "aux_precision: bf16" in (run / "recipe.yaml").read_text()
+    acc = make_accelerator("fp32")
+    assert aux_autocast(TrainConfig(), acc) is None
+    assert aux_autocast(TrainConfig(precision="bf16", aux_precision="bf16"), acc) is None  # already the run's
+    with aux_autocast(TrainConfig(aux_precision="bf16"), acc)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_bf16_autocast_is_on_and_sam_stays_fp32():
     from squat_cli.quant.convert import calibrate, quantize_model
     from squat_cli.recipe import QuantConfig

@@ -74,6 +74,7 @@ def test_unknown_section(tmp_path):
         (["sam.rho=-0.1"], r"sam.rho: -0.1 must be >= 0"),
         (["quant.method=foo"], r"quant.method: 'foo' is not valid; expected one of lsq"),
         (["train.lr"], r"--set 'train.lr': expected key=value"),
+        (["train.aux_precision=fp16"], r"train.aux_precision: 'fp16' is not valid; expected one of same, bf16"),
         (["model.trust_remote_code=maybe"], r"model.trust_remote_code: 'maybe' is not valid; expected true or false"),
     ],
 )

@@ -80,12 +80,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if key.size(1) != query.size(1):  # grouped-query attention: repeat the key/value heads
         rep = query.size(1) // key.size(1)
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # scale the (B, H, T, d) query rather than the (B, H, T, T) scores: a smaller pass, as SDPA's math path does
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + attention_mask
+            scores = scores.add_(attention_mask)  # in place: matmul's backward does not need its output
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = globals()["dropout"](probs, dropout, True)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
