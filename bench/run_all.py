@@ -126,7 +126,8 @@ def main() -> None:
     lines.append("")
     notes = HERE / "NOTES.md"  # the hand-written reading of these numbers: what bounds each goal not met
     if notes.is_file():
-        lines += [notes.read_text().replace("\n# ", "\n## ").replace("\n### ", "\n#### "), ""]
+        text = notes.read_text().replace("\n## ", "\n### ").replace("\n# ", "\n## ")
+        lines += ["#" + text if text.startswith("# ") else text, ""]
     for part in ("RESULTS-steps.md", "RESULTS-epochs.md", "RESULTS-precision.md", "PROFILE-fp.md", "PROFILE-lsq.md",
                  "PROFILE-squat.md"):
         path = HERE / part
