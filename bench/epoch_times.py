@@ -27,32 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import glue_dir, machine_lines, squat_finetune
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from squat_cli.data import load_split, resolve_data_dir  # noqa: E402
-from squat_cli.glue import get_task  # noqa: E402
-from squat_cli.models import resolve_model_path  # noqa: E402
+from squat_cli.data import load_split
+from squat_cli.glue import get_task
+from squat_cli.models import resolve_model_path
 
 
 def squat_epoch(task: str, batch: int, max_length: int, data_dir: Path, workdir: Path, *sets: str) -> dict:
-    out = workdir / f"squat-{task}-{len(sets)}"
-    cmd = [sys.executable, "-m", "squat_cli", "finetune", "--task", task, "--model", "packaged-minilm",
-           "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1", "--force",
-           "--set", f"train.batch_size={batch}", "--set", f"data.max_seq_length={max_length}",
-           "--set", "train.eval_strategy=end", "--set", "train.save_model=false", "--set", "train.save_every=null"]
-    for kv in sets:
-        cmd += ["--set", kv]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    metrics = squat_finetune(task, data_dir, workdir / f"squat-{task}-{len(sets)}", f"train.batch_size={batch}",
+                             f"data.max_seq_length={max_length}", *sets, epochs="1")
     return {"time": metrics["train_time_s"], "steps": metrics["steps"], "scaled_from": None,
             "metric": metrics[get_task(task).main_metric]}
 
@@ -111,9 +99,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-epochs.md")))
     ap.add_argument("--json", default=None, help="also write the epoch times as JSON here")
     args = ap.parse_args()
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        raise SystemExit("pass --data-dir or set SQUAT_DATA_DIR to the GLUE folder")
+    data_dir = glue_dir(args.data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -131,11 +117,7 @@ def main() -> None:
                 print(f"{task}: {name}: {r['time']:.1f} s/epoch", flush=True)
             rows.append((task, res))
     lines = ["# Epoch time: squat finetune vs transformers Trainer", "",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
-             f"{platform.platform()}",
-             f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
-             f"python {platform.python_version()}",
-             f"- command: `python {' '.join(sys.argv)}`",
+             *machine_lines(),
              f"- all-MiniLM-L6-v2, FP32, batch {args.batch}, max length {args.max_length}, one epoch, "
              "AdamW lr 2e-5, linear schedule, no evaluation or saving", "",
              "| task | run | steps | s/epoch | vs Trainer max-length | vs Trainer dynamic |", "|---|---|---|---|---|---|"]

@@ -13,30 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from common import glue_dir, machine_lines, squat_finetune
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from squat_cli.data import resolve_data_dir  # noqa: E402
-from squat_cli.glue import get_task  # noqa: E402
+from squat_cli.glue import get_task
 
 
 def run(task: str, precision: str, seed: int, subset: int, epochs: float, data_dir: Path, work: Path) -> dict:
-    out = work / f"{precision}-{seed}"
-    cmd = [sys.executable, "-m", "squat_cli", "finetune", "--task", task, "--model", "packaged-minilm",
-           "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), "--seed", str(seed), "--force",
-           "--set", f"train.precision={precision}", "--set", f"data.train_subset={subset}",
-           "--set", "train.eval_strategy=end", "--set", "train.save_model=false", "--set", "train.save_every=null"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(next(out.rglob("metrics.json")).read_text())
+    return squat_finetune(task, data_dir, work / f"{precision}-{seed}", f"train.precision={precision}",
+                          f"data.train_subset={subset}", epochs=str(epochs), seed=str(seed))
 
 
 def main() -> None:
@@ -49,9 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-precision.md")))
     ap.add_argument("--json", default=None, help="also write the times and metrics as JSON here")
     args = ap.parse_args()
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        raise SystemExit("pass --data-dir or set SQUAT_DATA_DIR to the GLUE folder")
+    data_dir = glue_dir(args.data_dir)
     task = get_task(args.task)
     seeds = [int(s) for s in args.seeds.split(",")]
     res: dict[str, list[dict]] = {"fp32": [], "bf16": []}
@@ -64,10 +50,7 @@ def main() -> None:
                       f"{100 * m[task.main_metric]:.2f}", flush=True)
     t32 = statistics.mean(m["train_time_s"] for m in res["fp32"])
     lines = ["# bf16 autocast vs fp32: time and accuracy of a short run", "",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
-             f"{platform.platform()}",
-             f"- torch {torch.__version__}, python {platform.python_version()}",
-             f"- command: `python {' '.join(sys.argv)}`",
+             *machine_lines(),
              f"- `squat finetune`, all-MiniLM-L6-v2, {task.display}: {args.train_subset} training examples, "
              f"{args.epochs:g} epoch(s), batch 32, dynamic padding; full dev set; seeds {args.seeds}", "",
              f"| precision | train s (mean) | speed-up | dev {task.main_metric} per seed | mean | eval loss (mean) |",

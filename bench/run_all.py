@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from common import machine_lines
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,10 +114,7 @@ def main() -> None:
 
     rows = goal_rows(load("steps.json"), load("epochs.json"), load("precision.json"))
     lines = ["# Benchmark results", "",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
-             f"{platform.platform()}",
-             f"- torch {torch.__version__}, python {platform.python_version()}",
-             f"- command: `python {' '.join(sys.argv)}`" + (" (quick: numbers are not meaningful)" if args.quick else ""),
+             *machine_lines(), *([" (quick run: the numbers are not meaningful)"] if args.quick else []),
              "", "## Goals", "", "| goal | measured | met | note |", "|---|---|---|---|"]
     for goal, value, note, met in rows:
         lines.append(f"| {goal} | {value} | {'-' if met is None else ('yes' if met else '**no**')} | {note} |")

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import machine_lines  # noqa: E402
 
 from squat_cli.compiled import FUSED_ENV  # noqa: E402
 from squat_cli.glue import get_task  # noqa: E402
@@ -285,10 +286,7 @@ def main() -> None:
         results[key] = run_rounds(ms, data, args.warmup, args.bits, precision)
     lines = [
         "# Step-time benchmark", "",
-        f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
-        f"{platform.platform()}",
-        f"- torch {torch.__version__}, python {platform.python_version()}",
-        f"- command: `python {' '.join(sys.argv)}`",
+        *machine_lines(),
         f"- all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods (q8bert: W8A8); {args.rounds} timed rounds "
         f"after {args.warmup} warm-up", "",
     ]

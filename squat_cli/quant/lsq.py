@@ -56,19 +56,20 @@ def _grad_x(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: i
     return torch.where((xs > qn) & (xs < qp), grad, 0.0)
 
 
-def _grad_s(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, per_row: bool) -> torch.Tensor:
-    xs = _wide(x) / _wide(s)
+def _inside_and_ds(xs: torch.Tensor, qn: int, qp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-range mask and dQ/ds: inside, round(x/s) - x/s; clipped, q (already Qn or Qp)."""
     q = xs.clamp(qn, qp).round()
-    # inside: round(x/s) - x/s; clipped: q already equals Qn or Qp, and q - x/s is replaced by q.
-    ds = torch.where((xs > qn) & (xs < qp), q - xs, q)
+    inside = (xs > qn) & (xs < qp)
+    return inside, torch.where(inside, q - xs, q)
+
+
+def _grad_s(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, per_row: bool) -> torch.Tensor:
+    _, ds = _inside_and_ds(_wide(x) / _wide(s), qn, qp)
     return _sum_rows(_wide(grad) * ds, per_row)
 
 
 def _grad_x_s(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, per_row: bool):
-    xs = _wide(x) / _wide(s)
-    q = xs.clamp(qn, qp).round()
-    inside = (xs > qn) & (xs < qp)
-    ds = torch.where(inside, q - xs, q)
+    inside, ds = _inside_and_ds(_wide(x) / _wide(s), qn, qp)
     return torch.where(inside, grad, 0.0), _sum_rows(_wide(grad) * ds, per_row)
 
 

@@ -51,6 +51,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * scaled
 
 
+_fast_dropout = dropout  # the name ``dropout`` is a parameter of attention_forward (transformers' keyword)
+
+
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with the faster CPU mask (same ``p``, same train/eval behaviour)."""
 
@@ -88,7 +91,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         else:
             scores = scores.add_(attention_mask)  # in place: matmul's backward does not need its output
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = globals()["dropout"](probs, dropout, True)
+    probs = _fast_dropout(probs, dropout, True)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, None
 
