@@ -110,6 +110,10 @@ class QuantConfig:
     step_momentum: float = 0.0
     step_size_grad: Literal["fresh", "reuse"] = "fresh"
     """squat only: ``fresh`` = extra pass at w_{t+1}; ``reuse`` = next step's first pass."""
+    act_grad_scale: Literal["tensor", "token"] = "tensor"
+    """N in the activation step-gradient scale ``1/sqrt(N*Qp)``: ``tensor`` = every element of the
+    (padded) batch tensor, so the scale varies with batch size and length; ``token`` = the features
+    of one token, the same for every batch."""
     ptq_step: Literal["minmax", "mse"] = "mse"
     q8bert_ema: float = 0.9999
 
@@ -122,6 +126,14 @@ class SamConfig:
     """None = the paper's choice: 0.1 for 2- and 3-bit weights, 0.15 for 4-bit and wider."""
     sync_perturbation: bool = False
     """All-reduce the ascent gradient across processes (default: per-process eps)."""
+    weight_ste: Literal["masked", "identity"] = "masked"
+    """Gradient of SAM's weight step (joint, squat) through the weight quantizer: ``masked`` = LSQ's
+    straight-through estimator (weights whose w/s is clipped get 0); ``identity`` = the paper's
+    Eq. 7 / Algorithm 1 as written, ``w <- w - lr * grad_Q L(Q(w,s)+eps)`` (dQ/dw = 1 everywhere)."""
+    dropout_replay: bool = False
+    """Every pass of one SAM-type step (ascent, weight step, step-size step) draws the same dropout
+    masks as the first; the random stream then advances as after a single pass, so joint at rho 0
+    reproduces an lsq run exactly. Off: each pass draws new masks."""
 
 
 @dataclass

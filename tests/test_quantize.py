@@ -141,3 +141,34 @@ def test_sharpness_cli_deterministic_and_stored(runs, glue_dir):
 def test_sharpness_bad_input(runs, args, message):
     res = runner.invoke(app, ["sharpness", *args, "--out", str(runs)])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_joint_rho0_with_dropout_replay_reproduces_lsq_run(runs, glue_dir, tmp_path):
+    """sam.dropout_replay: every pass of a step sees the first pass's dropout masks, so joint at rho 0
+    is the lsq run exactly (weights, steps, dev metrics), through the CLI with dropout on."""
+    src = ["--from", str(runs / "rte" / "fp" / "seed42"), "--out", str(tmp_path), "--wbits", "2",
+           "--set", "train.max_steps=4"]
+    out = {}
+    for method, extra in (("lsq", []), ("joint", ["--rho", "0", "--set", "sam.dropout_replay=true"]),
+                          ("squat", ["--rho", "0", "--set", "sam.dropout_replay=false"])):
+        res = _quantize(tmp_path, glue_dir, "--method", method, *src, *extra)
+        assert res.exit_code == 0, res.output
+        run = RunDir(tmp_path / "rte" / f"{method}-w2a8" / "seed42")
+        with safe_open(str(run.model_dir / "model.safetensors"), framework="pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(run.quantizer_file), framework="pt") as f:
+            steps = {k: f.get_tensor(k) for k in f.keys()}
+        out[method] = (weights, steps, run.metrics())
+    (w_l, s_l, m_l), (w_j, s_j, m_j) = out["lsq"], out["joint"]
+    assert all(torch.equal(w_l[k], w_j[k]) for k in w_l) and all(torch.equal(s_l[k], s_j[k]) for k in s_l)
+    assert (m_j["accuracy"], m_j["eval_loss"], m_j["train_loss"]) == (m_l["accuracy"], m_l["eval_loss"],
+                                                                       m_l["train_loss"])
+    w_s = out["squat"][0]  # another method really is another run (the equality above can fail)
+    assert not all(torch.equal(w_l[k], w_s[k]) for k in w_l)
+    assert yaml_load(tmp_path / "rte" / "joint-w2a8" / "seed42" / "recipe.yaml")["sam"]["dropout_replay"] is True
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -18,13 +18,15 @@ from tests.quant_helpers import batches, tiny_bert
 LR, LR_S, RHO = 0.05, 10.0, 0.3
 
 
-def _strategy(model, method, rho, optimizer="sgd", step_size_grad="fresh", abits=32):
+def _strategy(model, method, rho, optimizer="sgd", step_size_grad="fresh", abits=32, weight_ste="masked",
+              dropout_replay=False):
     train = TrainConfig(optimizer=optimizer, lr=LR, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0,
                         max_grad_norm=None)
     quant = QuantConfig(method=method, step_lr=LR_S, abits=abits, step_size_grad=step_size_grad)
     w_opt, _, s_opt, _ = build_optimizers(model, train, quant, 10)
     ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
-                      autocast=contextlib.nullcontext, no_sync=contextlib.nullcontext, max_grad_norm=None, rho=rho)
+                      autocast=contextlib.nullcontext, no_sync=contextlib.nullcontext, max_grad_norm=None, rho=rho,
+                      weight_ste=weight_ste, dropout_replay=dropout_replay)
     return make_strategy(method, ctx, step_size_grad)
 
 
@@ -37,7 +39,10 @@ def _quantized(method="squat", wbits=2, abits=32, seed=0):
 # ------------------------------------------------------------------ reference (written from the paper)
 
 
-def lsq_ref(w, s, bits):
+def lsq_ref(w, s, bits, identity=False):
+    """LSQ written with autograd; ``identity``: dQ/dw = 1 for every element (Eq. 7 as written)."""
+    if identity:
+        return lsq_ref(w.detach(), s, bits) + (w - w.detach())
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     g = 1.0 / math.sqrt(w.numel() * qp)
     s = (s - s * g).detach() + s * g
@@ -46,11 +51,11 @@ def lsq_ref(w, s, bits):
     return v * s
 
 
-def ref_loss(fp, W, S, eps, batch, bits):
+def ref_loss(fp, W, S, eps, batch, bits, identity=False):
     params = {}
     for n, p in W.items():
         layer = n[: -len(".weight")]
-        params[n] = (lsq_ref(p, S[layer], bits) if layer in S else p) + eps.get(n, 0.0)
+        params[n] = (lsq_ref(p, S[layer], bits, identity) if layer in S else p) + eps.get(n, 0.0)
     return functional_call(fp, params, args=(), kwargs=batch).loss
 
 
@@ -66,7 +71,7 @@ def ref_eps(fp, W, S, batch, bits, rho):
     return {n: rho * g / (norm + 1e-12) for n, g in grads.items()}
 
 
-def reference_step(method, seed, batch, bits=2):
+def reference_step(method, seed, batch, bits=2, weight_ste="masked"):
     fp = tiny_bert(seed)
     q, names = _quantized(seed=seed, wbits=bits)
     S = {n: q.get_submodule(n).wq.step.detach().clone() for n in names}
@@ -74,7 +79,7 @@ def reference_step(method, seed, batch, bits=2):
     eps = ref_eps(fp, W, S, batch, bits, RHO)
     Wv = {n: p.clone().requires_grad_() for n, p in W.items()}
     Sv = {n: s.clone().requires_grad_(method == "joint") for n, s in S.items()}
-    loss2 = ref_loss(fp, Wv, Sv, eps, batch, bits)
+    loss2 = ref_loss(fp, Wv, Sv, eps, batch, bits, identity=weight_ste == "identity")
     gW = torch.autograd.grad(loss2, list(Wv.values()), retain_graph=True)
     W1 = {n: W[n] - LR * g for n, g in zip(W, gW)}  # SGD (first step: momentum buffer = gradient)
     if method == "joint":  # s from the same perturbed pass
@@ -88,14 +93,14 @@ def reference_step(method, seed, batch, bits=2):
 
 
 @pytest.mark.parametrize("method", ["squat", "joint"])
-@pytest.mark.parametrize("bits", [2, 4])
-def test_one_step_matches_reference(method, bits):
+@pytest.mark.parametrize("bits,weight_ste", [(2, "masked"), (4, "masked"), (2, "identity")])
+def test_one_step_matches_reference(method, bits, weight_ste):
     batch = batches(1)[0]
-    W1, S1 = reference_step(method, 0, batch, bits)
+    W1, S1 = reference_step(method, 0, batch, bits, weight_ste)
     model, names = _quantized(method, wbits=bits)
     s0 = {n: model.get_submodule(n).wq.step.detach().clone() for n in names}
     w0 = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    _strategy(model, method, RHO).step(batch)
+    _strategy(model, method, RHO, weight_ste=weight_ste).step(batch)
     got = dict(model.named_parameters())
     for n, ref in W1.items():
         assert torch.allclose(got[n], ref, atol=1e-6, rtol=1e-5), n

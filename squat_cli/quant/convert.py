@@ -58,7 +58,7 @@ def _act_quantizer(cfg: QuantConfig) -> nn.Module | None:
         return None
     if cfg.method == "q8bert":
         return MaxQuantizer(cfg.abits, ema=cfg.q8bert_ema)
-    return LsqQuantizer(cfg.abits, learnable=cfg.method != "ptq")
+    return LsqQuantizer(cfg.abits, learnable=cfg.method != "ptq", grad_scale=cfg.act_grad_scale)
 
 
 def _init_weight(wq: nn.Module, weight: torch.Tensor, cfg: QuantConfig) -> None:

@@ -10,7 +10,14 @@ Gradients (one fused autograd function, value and both gradients in one pass):
           = Qp               if x/s >= Qp
 
 and the step gradient is multiplied by ``g = 1 / sqrt(N * Qp)``, N the number of
-elements sharing one step. ``torch.round`` rounds halves to even.
+elements sharing one step (``grad_scale="tensor"``), or, for activations with
+``grad_scale="token"``, the features of one token (the last dimension), so that
+the scale does not change with batch size and padded length.
+``torch.round`` rounds halves to even.
+
+``identity_ste`` (SAM's weight step written as in the paper's Eq. 7 and
+Algorithm 1, ``w <- w - lr * grad_Q L``): dQ/dx = 1 for every element, clipped
+ones included; the step gradient is unchanged.
 """
 
 from __future__ import annotations
@@ -94,24 +101,30 @@ class LsqFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float,
+                identity_ste: bool = False) -> torch.Tensor:
         if s.numel() != 1 and (x.dim() != 2 or s.shape != (x.shape[0], 1)):
             raise ValueError(f"a step of shape {tuple(s.shape)} needs a (C, K) input, got {tuple(x.shape)}")
         # detached: the kernels see plain tensors (one compiled graph whatever needs gradients)
         out = fake_quant_kernel(_as_kernel_shape(x.detach(), s), s.detach(), qn, qp).view(x.shape)
-        ctx.meta = (qn, qp, g)
+        ctx.meta = (qn, qp, g, identity_ste)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, s)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qn, qp, g = ctx.meta
+        qn, qp, g, identity_ste = ctx.meta
         x, s = (t.detach() for t in ctx.saved_tensors)
         gk, xk = _as_kernel_shape(grad.detach(), s), _as_kernel_shape(x, s)
         per_row = s.numel() != 1
         grad_x = grad_s = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        if identity_ste:  # dQ/dx = 1 everywhere
+            if ctx.needs_input_grad[0]:
+                grad_x = grad
+            if ctx.needs_input_grad[1]:
+                grad_s = grad_s_kernel(gk, xk, s, qn, qp, per_row)
+        elif ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             grad_x, grad_s = grad_x_s_kernel(gk, xk, s, qn, qp, per_row)
         elif ctx.needs_input_grad[0]:
             grad_x = grad_x_kernel(gk, xk, s, qn, qp)
@@ -121,11 +134,12 @@ class LsqFakeQuant(torch.autograd.Function):
             grad_x = grad_x.view(x.shape)
         if grad_s is not None:
             grad_s = (grad_s * g).reshape(s.shape).to(s.dtype)
-        return grad_x, grad_s, None, None, None
+        return grad_x, grad_s, None, None, None, None
 
 
-def lsq_quantize(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float = 1.0) -> torch.Tensor:
-    return LsqFakeQuant.apply(x, s, qn, qp, g)
+def lsq_quantize(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float = 1.0,
+                 identity_ste: bool = False) -> torch.Tensor:
+    return LsqFakeQuant.apply(x, s, qn, qp, g, identity_ste)
 
 
 class LsqQuantizer(nn.Module):
@@ -135,9 +149,15 @@ class LsqQuantizer(nn.Module):
     activations: by calibration). An uninitialised activation quantizer passes input through.
     """
 
-    def __init__(self, bits: int, channels: Optional[int] = None, learnable: bool = True):
+    def __init__(self, bits: int, channels: Optional[int] = None, learnable: bool = True,
+                 grad_scale: str = "tensor"):
         super().__init__()
+        if grad_scale not in ("tensor", "token"):
+            raise ValueError(f"grad_scale must be 'tensor' or 'token', got {grad_scale!r}")
         self.bits = bits
+        self.grad_scale_mode = grad_scale
+        self.identity_ste = False
+        """While True, the backward passes the gradient to every element (no clipping mask)."""
         self.qn, self.qp = signed_range(bits)
         shape = (channels, 1) if channels else (1,)
         self.step = nn.Parameter(torch.ones(shape), requires_grad=learnable)
@@ -148,14 +168,15 @@ class LsqQuantizer(nn.Module):
         return self.step.dim() == 2
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        n = x.numel() // self.step.numel()
+        """``1 / sqrt(N * Qp)``: N the elements per step (``tensor``) or one token's features (``token``)."""
+        n = x.shape[-1] if self.grad_scale_mode == "token" else x.numel() // self.step.numel()
         return 1.0 / math.sqrt(n * self.qp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             return x
         s = self.step if self.step.dtype == x.dtype else self.step.to(x.dtype)
-        return lsq_quantize(x, s, self.qn, self.qp, self.grad_scale(x))
+        return lsq_quantize(x, s, self.qn, self.qp, self.grad_scale(x), self.identity_ste)
 
     @torch.no_grad()
     def init_lsq(self, x: torch.Tensor) -> None:
@@ -201,7 +222,8 @@ class LsqQuantizer(nn.Module):
         self.step.clamp_(min=MIN_STEP)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}"
+        scale = ", grad_scale=token" if self.grad_scale_mode == "token" else ""
+        return f"bits={self.bits}, per_channel={self.per_channel}{scale}"
 
 
 class _SymmetricMaxQuant(torch.autograd.Function):

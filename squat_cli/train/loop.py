@@ -189,6 +189,7 @@ def fit(
         no_sync=lambda: acc.no_sync(model), max_grad_norm=t.max_grad_norm, clip=default_clip,
         rho=recipe.sam.rho, grad_mean=(lambda g: acc.reduce(g, "mean")) if distributed else None,
         sync_perturbation=recipe.sam.sync_perturbation, aux_autocast=aux_autocast(t, acc),
+        weight_ste=recipe.sam.weight_ste, dropout_replay=recipe.sam.dropout_replay,
     )
     qcfg = recipe.quant
     strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")

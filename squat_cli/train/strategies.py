@@ -21,6 +21,11 @@ squat      Algorithm 1. pass 1 at Q(w_t,s_t): eps (s frozen);
 
 ``opt_w`` is the recipe's optimizer (Adam/AdamW with a schedule), ``opt_s`` the
 step-size optimizer (SGD by default). Gradient clipping applies to w only.
+
+Two conventions of the SAM-type steps are options (``sam.*``): the weight step's
+gradient through the quantizer (``weight_ste``: LSQ's clipping mask, or dQ/dw = 1
+as Eq. 7 writes it) and whether the passes of one step share their dropout masks
+(``dropout_replay``, see ``RngReplay``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import torch
 from torch import nn
 
 from squat_cli.errors import DivergenceError
-from squat_cli.quant.qlinear import clamp_steps, step_parameters, weight_parameters
+from squat_cli.quant.lsq import LsqQuantizer
+from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
 from squat_cli.train.sam import Perturbation
 
 
@@ -60,6 +66,47 @@ class StepContext:
     aux_autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
     """Autocast of the passes that make no weight update (SAM's ascent, SQuAT's step-size pass);
     None: ``autocast``."""
+    weight_ste: str = "masked"
+    """SAM's weight step through the weight quantizers: ``masked`` (LSQ's STE) or ``identity`` (dQ/dw = 1)."""
+    dropout_replay: bool = False
+    """Every pass of a step draws the dropout masks of its first pass."""
+
+
+class RngReplay:
+    """The same random draws (dropout masks) in every pass of one step.
+
+    ``begin`` records the generator state before the first pass, ``replay`` restores it
+    before a later pass, ``end`` moves the stream to where the first pass left it, so
+    the run's random stream advances as if each step were one pass. Covers the CPU
+    generator and, on CUDA, the current device's. Disabled, every call does nothing.
+    """
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self._start = self._after = None
+
+    def _state(self):
+        return torch.get_rng_state(), (torch.cuda.get_rng_state() if self.cuda else None)
+
+    def _set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
+    def begin(self) -> None:
+        if self.enabled:
+            self._start, self._after = self._state(), None
+
+    def replay(self) -> None:
+        if self.enabled:
+            if self._after is None:  # the first pass just ended
+                self._after = self._state()
+            self._set(self._start)
+
+    def end(self) -> None:
+        if self.enabled and self._after is not None:
+            self._set(self._after)
 
 
 class Strategy:
@@ -74,6 +121,9 @@ class Strategy:
         ids = {id(p) for p in self.s_params}
         self.s_named = [(n, p) for n, p in ctx.core.named_parameters() if id(p) in ids]
         self.step_count = 0
+        device = next(ctx.core.parameters()).device
+        self.rng = RngReplay(ctx.dropout_replay, device)
+        self.wquantizers = [m.wq for _, m in quant_layers(ctx.core) if isinstance(m.wq, LsqQuantizer)]
 
     # helpers -------------------------------------------------------------
     def loss(self, batch: dict, aux: bool = False) -> torch.Tensor:
@@ -92,6 +142,18 @@ class Strategy:
     def _set_grad(self, params: list[nn.Parameter], on: bool) -> None:
         for p in params:
             p.requires_grad_(on)
+
+    @contextlib.contextmanager
+    def weight_step(self):
+        """Around SAM's weight-update pass: the weight quantizers' STE as ``ctx.weight_ste`` says."""
+        identity = self.ctx.weight_ste == "identity"
+        for q in self.wquantizers:
+            q.identity_ste = identity
+        try:
+            yield
+        finally:
+            for q in self.wquantizers:
+                q.identity_ste = False
 
     def _clip_w(self) -> None:
         if self.ctx.max_grad_norm is not None and self.ctx.clip is not None:
@@ -162,11 +224,15 @@ class JointSam(Strategy):
         return loss
 
     def step(self, batch: dict) -> float:
+        self.rng.begin()
         loss = self.ascent(batch)
+        self.rng.replay()
         try:
-            self._backward(self.loss(batch))
+            with self.weight_step():
+                self._backward(self.loss(batch))
         finally:
             self.perturb.restore()
+        self.rng.end()
         self._step_w()
         self._step_s()
         self.step_count += 1
@@ -183,26 +249,31 @@ class SQuAT(JointSam):
         self.fresh = step_size_grad == "fresh"
 
     def step(self, batch: dict) -> float:
+        self.rng.begin()
         if self.fresh:
             loss = self.ascent(batch)
         else:
             loss = self._ascent_with_step_grad(batch)
         # pass 2: weight step at Q(w_t, s_t) + eps, s fixed
+        self.rng.replay()
         self._set_grad(self.s_params, False)
         try:
-            self._backward(self.loss(batch))
+            with self.weight_step():
+                self._backward(self.loss(batch))
         finally:
             self.perturb.restore()
             self._set_grad(self.s_params, True)
         self._step_w()
         if self.fresh:
             # pass 3: step-size step at Q(w_{t+1}, s_t), w fixed
+            self.rng.replay()
             self._set_grad(self.w_params, False)
             try:
                 self._backward(self.loss(batch, aux=True))
             finally:
                 self._set_grad(self.w_params, True)
             self._step_s()
+        self.rng.end()
         self.step_count += 1
         return float(loss.detach())
 
