@@ -147,7 +147,10 @@ def sharpness(
     out: Path = OutOpt,
     method: str = typer.Option("ascent", "--method", help="ascent (Algorithm 2) or keskar (L-BFGS-B in a box)."),
     steps: int = typer.Option(10, "--steps", help="Ascent steps."),
-    lr: float = typer.Option(0.1, "--lr", help="Ascent learning rate."),
+    lr: float = typer.Option(0.5, "--lr", help="Ascent step: a fraction of rho (normalized) or the gradient's "
+                             "multiplier (raw)."),
+    step: str = typer.Option("normalized", "--step", help="ascent: normalized (steps of lr*rho along the "
+                             "gradient; reaches the ball's edge) or raw (Algorithm 2 as printed)."),
     examples: int = typer.Option(256, "--examples", help="Examples the loss is measured on."),
     split: str = typer.Option("train", "--split", help="train or dev."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example sample (and keskar's subspace)."),
@@ -166,24 +169,27 @@ def sharpness(
         _fail(f"--method: {method!r} is not one of ascent, keskar")
     if split not in ("train", "dev"):
         _fail(f"--split: {split!r} is not one of train, dev")
+    if step not in ("normalized", "raw"):
+        _fail(f"--step: {step!r} is not one of normalized, raw")
     for name, value in (("--steps", steps), ("--examples", examples), ("--subspace", subspace)):
         if value <= 0:
             _fail(f"{name}: {value} must be > 0")
     if lr <= 0:
         _fail(f"--lr: {lr} must be > 0")
     settings = SharpnessSettings(rho=rho, method=method, steps=steps, lr=lr, examples=examples, split=split,
-                                 seed=seed, subspace=subspace)
+                                 seed=seed, subspace=subspace, step=step)
     todo = _run(jobs.sharpness_runs, out, run, settings, force)
     if not todo:
         console.print(f"nothing to measure: every complete run under {out} has {settings.key()}")
         return
     table = Table(title=f"sharpness ({settings.key()})")
-    for col in ("run", "score", "L(W0)", "L(W_T)"):
+    for col in ("run", "score", "L(W0)", "L(W_T)", "||delta_T||"):
         table.add_column(col, justify="right" if col != "run" else "left")
     for r in todo:
         e = _run(jobs.measure_sharpness, r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+        short = "" if e.get("reached_edge") in (True, None) else " (inside the ball)"
         table.add_row(f"{r.task}/{r.variant}/seed{r.seed}", f"{e['score']:.5f}", f"{e['loss0']:.4f}",
-                      f"{e['loss_final']:.4f}")
+                      f"{e['loss_final']:.4f}", f"{e['delta_norm']:.4g}{short}")
     console.print(table)
 
 
@@ -191,14 +197,27 @@ def sharpness(
 def report(
     out: Path = OutOpt,
     reports: Path = typer.Option(Path("reports"), "--reports", help="Folder for tables and figures."),
+    search: bool = typer.Option(False, "--search", help="--out holds a settings search (one runs root per "
+                                "setting): write search.csv and search.md, every run with its settings."),
 ) -> None:
     """Tables 1-4 (CSV, Markdown) and Figures 2-3 (PNG) from every run folder, beside the paper's numbers."""
     from squat_cli.report.build import write_report
 
     if not out.is_dir():
         _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
+    if search:
+        _write_search(out, reports)
+        return
     rep = _run(write_report, out, reports)
     print_report(rep)
+
+
+def _write_search(out: Path, reports: Path) -> None:
+    from squat_cli.report.search import write_search
+
+    df = _run(write_search, out, reports)
+    done = int((df["status"] == "done").sum()) if not df.empty else 0
+    console.print(f"search: {len(df)} runs ({done} finished) -> {reports / 'search.md'}")
 
 
 @app.command(epilog="Example: squat sweep recipes/demo.yaml --data-dir glue/ --shard 0/2")
@@ -225,7 +244,7 @@ def sweep(
         table.add_column("#", justify="right")
         table.add_column("job")
         table.add_column("status")
-        for k, (job_id, status) in enumerate(S.describe(jobs, out, grid.sharpness.method), 1):
+        for k, (job_id, status) in enumerate(S.describe(grid, jobs, out), 1):
             table.add_row(str(k), job_id, status)
         console.print(table)
         return
@@ -238,7 +257,10 @@ def sweep(
     if not no_report and out.is_dir():
         from squat_cli.report.build import write_report
 
-        print_report(_run(write_report, out, reports))
+        if grid.settings:
+            _write_search(out, reports)
+        else:
+            print_report(_run(write_report, out, reports))
     if res.failed:
         raise typer.Exit(1)
 

@@ -291,7 +291,7 @@ def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: b
 
 def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
     """Score one run and store it in its ``sharpness.json`` under ``settings.key()``."""
-    from squat_cli.sharpness import ascent_sharpness, keskar_sharpness
+    from squat_cli.sharpness import ascent_sharpness, keskar_sharpness, reached_edge
 
     model, tokenizer, recipe, task = load_run_model(run)
     d = recipe.data
@@ -309,10 +309,11 @@ def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, rep
         rep.start(settings.steps, f"sharpness {run.task}/{run.variant}/seed{run.seed}")
         try:
             res = ascent_sharpness(model, batches, settings.rho, settings.steps, settings.lr,
-                                   on_step=lambda t, loss: rep.update(t, loss=loss, ex_s=0.0))
+                                   on_step=lambda t, loss: rep.update(t, loss=loss, ex_s=0.0), step=settings.step)
         finally:
             rep.stop()
     entry = {"score": res.score, "loss0": res.loss0, "loss_final": res.loss_final, "delta_norm": res.delta_norm,
+             "reached_edge": reached_edge(res.delta_norm, settings.rho) if settings.method == "ascent" else None,
              "trajectory": res.trajectory, "settings": settings.to_dict()}
     current = run.sharpness_scores()  # an unreadable file is rewritten
     current[settings.key()] = entry

@@ -23,9 +23,17 @@ The search runs in box-normalised coordinates with the objective rescaled by its
 initial gradient, so that L-BFGS-B's first step reaches the box edge even near a
 minimum, where the raw gradient is tiny.
 
-Near a sharp minimum the raw gradient is also tiny for Algorithm 2: the ascent
-``lr`` must be large enough for the iterates to reach the ball's edge; the
-``trajectory`` and ``delta_norm`` stored with every score show whether they did.
+Near a minimum the raw gradient is tiny, so Algorithm 2's iterates can stop
+well inside the ball, and then two radii give the same score. ``step=
+"normalized"`` (the default) takes steps of fixed length ``lr * rho`` along the
+gradient's direction instead,
+
+    delta_{t+1} = delta_t + lr * rho * g_t / ||g_t||     (then the same projection)
+
+so with ``lr * steps >= 1`` the ascent reaches the edge whatever the gradient's
+scale; ``step="raw"`` is Algorithm 2 as printed. Every score stores
+``delta_norm`` (||delta_T||) and whether it reached the edge (``reached_edge``:
+||delta_T|| >= (1 - 1e-3) rho); the report flags scores that did not.
 """
 
 from __future__ import annotations
@@ -48,7 +56,10 @@ class SharpnessSettings:
     rho: float
     method: str = "ascent"
     steps: int = 10
-    lr: float = 0.1
+    lr: float = 0.5
+    """normalized steps: step length as a fraction of rho; raw steps: the gradient's multiplier."""
+    step: str = "normalized"
+    """ascent only: ``normalized`` (fixed-length steps along the gradient) or ``raw`` (Algorithm 2)."""
     examples: int = 256
     split: str = "train"
     seed: int = 0
@@ -63,6 +74,14 @@ class SharpnessSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+EDGE_TOLERANCE = 1e-3
+
+
+def reached_edge(delta_norm: float, rho: float) -> bool:
+    """Whether an ascent ended on the ball's edge (to a relative 1e-3)."""
+    return delta_norm >= (1.0 - EDGE_TOLERANCE) * rho
 
 
 @dataclass
@@ -130,9 +149,14 @@ def _prepare(model: nn.Module, batches: list[dict]) -> tuple[list[QuantLinear], 
 
 def ascent_sharpness(
     model: nn.Module, batches: list[dict], rho: float, steps: int, lr: float,
-    on_step: Optional[Callable[[int, float], None]] = None,
+    on_step: Optional[Callable[[int, float], None]] = None, step: str = "raw",
 ) -> SharpnessResult:
-    """Algorithm 2: projected gradient ascent in the L2 ball of radius ``rho`` around the weights."""
+    """Algorithm 2: projected gradient ascent in the L2 ball of radius ``rho`` around the weights.
+
+    ``step="raw"``: ``delta += lr * g`` as printed; ``"normalized"``: ``delta += lr * rho * g / ||g||``.
+    """
+    if step not in ("raw", "normalized"):
+        raise ValueError(f"step must be 'raw' or 'normalized', got {step!r}")
     layers, objective = _prepare(model, batches)
     deltas = [torch.zeros_like(layer.weight) for layer in layers]
     trajectory = []
@@ -141,7 +165,10 @@ def ascent_sharpness(
         trajectory.append(loss_t)
         if on_step and t:
             on_step(t, loss_t)
-        deltas = [d + lr * g for d, g in zip(deltas, grads)]
+        scale = lr
+        if step == "normalized":
+            scale = lr * rho / max(_norm(grads), 1e-30)
+        deltas = [d + scale * g for d, g in zip(deltas, grads)]
         norm = _norm(deltas)
         if norm > rho:
             deltas = [d * (rho / norm) for d in deltas]

@@ -13,6 +13,13 @@ same job at once. Finished runs (``metrics.json``) and stored scores are
 skipped and unfinished runs resume from their last checkpoint, so a rerun after
 an interruption continues where it stopped; failed
 runs (``FAILED.json``) are reported, not retried, unless asked.
+
+A settings search: a top-level ``settings`` mapping names variants of the
+quantize section (``{name: {dotted.key: value}}``, e.g. ``{lr3e-5: {train.lr:
+3.0e-5}}``). Every quantized run and score is then made once per setting, into
+its own runs root ``<out>/<name>/``, all starting from the same FP runs. Those
+live in ``sweep.fp_runs`` when set (a runs root, shared with another grid), else
+in ``<out>``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from squat_cli.errors import RecipeError, SquatError
 from squat_cli.glue import get_task
-from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, _build, _merge, apply_overrides, read_yaml, recipe_from_dict
+from squat_cli.recipe import METHODS, QUANTIZE_DEFAULTS, Recipe, _build, _merge, apply_overrides, read_yaml, recipe_from_dict
 from squat_cli.runs import RunDir, variant_name
 from squat_cli.sharpness import SharpnessSettings
 
@@ -41,6 +49,10 @@ class SweepSection:
     abits: int = 8
     seeds: list[int] = field(default_factory=lambda: [42])
     sharpness_rhos: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    fp_runs: Optional[str] = None
+    """Runs root of the FP runs (made there if missing); None: the sweep's ``--out``."""
+    sharpness_methods: Optional[list[str]] = None
+    """Methods whose runs get sharpness scores (``fp`` for the FP runs); None: every run."""
 
 
 @dataclass
@@ -50,6 +62,17 @@ class Grid:
     quantize: dict[str, Any]
     sharpness: SharpnessSettings
     """Settings for every score; the radius comes from ``sweep.sharpness_rhos``."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named variants of the quantize section (dotted keys), each run into ``<out>/<name>/``."""
+
+    def setting_names(self) -> list[str]:
+        return list(self.settings) or [""]
+
+    def root_of(self, job: "Job", out: Path) -> Path:
+        """The runs root holding ``job``'s run folder."""
+        if job.kind == "fp":
+            return Path(self.sweep.fp_runs) if self.sweep.fp_runs else out
+        return out / job.setting if job.setting else out
 
     @property
     def tasks(self) -> list[str]:
@@ -66,9 +89,12 @@ class Grid:
             over["data.data_dir"] = data_dir
         return recipe_from_dict(apply_overrides(d, over)).validate()
 
-    def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None) -> Recipe:
+    def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None,
+                     setting: str = "") -> Recipe:
         d = apply_overrides({}, dict(QUANTIZE_DEFAULTS))
         _merge(d, copy.deepcopy(self.quantize))
+        if setting:
+            apply_overrides(d, dict(self.settings[setting]))
         over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
                 "quant.abits": self.sweep.abits}
         if data_dir:
@@ -91,7 +117,7 @@ def is_grid_recipe(path: Path | str) -> bool:
 
 def load_grid(path: Path | str) -> Grid:
     data = read_yaml(path)
-    allowed = ("sweep", "finetune", "quantize", "sharpness")
+    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings")
     for key in data:
         if key not in allowed:
             raise RecipeError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
@@ -104,9 +130,27 @@ def load_grid(path: Path | str) -> Grid:
     sharp = _build(SharpnessSettings, {"rho": 1.0, **sharp_data}, "sharpness")
     if sharp.method not in ("ascent", "keskar"):
         raise RecipeError(f"sharpness.method: {sharp.method!r} is not one of ascent, keskar")
-    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp)
+    if sharp.step not in ("normalized", "raw"):
+        raise RecipeError(f"sharpness.step: {sharp.step!r} is not one of normalized, raw")
+    if sharp.split not in ("train", "dev"):
+        raise RecipeError(f"sharpness.split: {sharp.split!r} is not one of train, dev")
+    for key in ("steps", "examples", "batch_size", "subspace", "maxiter", "lr"):
+        value = getattr(sharp, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise RecipeError(f"sharpness.{key}: {value} must be > 0")
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise RecipeError("settings: expected a mapping of names to {dotted.key: value} mappings")
+    for name in settings:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == "fp":
+            raise RecipeError(f"settings: {name!r} is not a usable folder name")
+    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings)
     for t in sweep.tasks:
         get_task(t)
+    known = {"fp", *METHODS}
+    for m in [*sweep.methods, *(sweep.sharpness_methods or [])]:
+        if m not in known:
+            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted(known))}")
     if any(r <= 0 for r in sweep.sharpness_rhos):
         raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")
     # validate every recipe the grid will use, before anything runs
@@ -115,7 +159,8 @@ def load_grid(path: Path | str) -> Grid:
             grid.fp_recipe(t, seed)
             for m in sweep.methods:
                 for b in sweep.wbits:
-                    grid.quant_recipe(t, seed, m, b)
+                    for name in grid.setting_names():
+                        grid.quant_recipe(t, seed, m, b, setting=name)
     return grid
 
 
@@ -131,10 +176,14 @@ class Job:
     method: str = "fp"
     wbits: int = 32
     rho: Optional[float] = None
+    setting: str = ""
+    """Name of the grid setting (settings search); empty for an ordinary grid and for FP runs."""
 
     @property
     def id(self) -> str:
         base = f"{self.task}/{self.variant}/seed{self.seed}"
+        if self.setting:
+            base = f"{self.setting}/{base}"
         return base if self.kind != "sharpness" else f"{base}#sharpness@{self.rho:g}"
 
     @property
@@ -149,16 +198,19 @@ def plan(grid: Grid) -> list[Job]:
         t = get_task(task).name
         for seed in grid.sweep.seeds:
             chain = [Job("fp", t, seed, "fp")]
-            for m in grid.sweep.methods:
-                for b in grid.sweep.wbits:
-                    if m == "fp-sam":  # unquantized: one run, whatever the bits
-                        b = 32
-                    job = Job("quantize", t, seed, variant_name(m, b, 32 if m == "fp-sam" else grid.sweep.abits), m, b)
-                    if job not in chain:
-                        chain.append(job)
-            runs = list(chain)
+            for name in grid.setting_names():
+                for m in grid.sweep.methods:
+                    for b in grid.sweep.wbits:
+                        if m == "fp-sam":  # unquantized: one run, whatever the bits
+                            b = 32
+                        variant = variant_name(m, b, 32 if m == "fp-sam" else grid.sweep.abits)
+                        job = Job("quantize", t, seed, variant, m, b, setting=name)
+                        if job not in chain:
+                            chain.append(job)
+            runs = [j for j in chain if grid.sweep.sharpness_methods is None or j.method in grid.sweep.sharpness_methods]
             for rho in grid.sweep.sharpness_rhos:
-                chain += [Job("sharpness", r.task, r.seed, r.variant, r.method, r.wbits, rho) for r in runs]
+                chain += [Job("sharpness", r.task, r.seed, r.variant, r.method, r.wbits, rho, r.setting)
+                          for r in runs]
             jobs += chain
     return jobs
 
@@ -186,7 +238,7 @@ def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
 
 
 def job_status(job: Job, root: Path, sharpness_method: str = "ascent") -> str:
-    """done | failed | todo."""
+    """done | failed | todo; ``root`` is the runs root holding the job's run (``Grid.root_of``)."""
     run = RunDir.for_run(root, job.task, job.variant, job.seed)
     if job.kind == "sharpness":
         key = SharpnessSettings(rho=job.rho, method=sharpness_method).key()
@@ -233,12 +285,13 @@ def run_sweep(
     out = SweepOutcome()
     blocked: set[tuple] = set()  # runs that failed or are missing: their dependents wait
     for job in jobs:
-        run_key = (job.task, job.variant, job.seed)
-        fp_key = (job.task, "fp", job.seed)
+        run_key = (job.setting, job.task, job.variant, job.seed)
+        fp_key = ("", job.task, "fp", job.seed)
         if job.kind != "fp" and (fp_key in blocked or (job.kind == "sharpness" and run_key in blocked)):
             out.skipped.append(f"{job.id} (needs a run that did not finish)")
             continue
-        status = job_status(job, root, grid.sharpness.method)
+        job_root = grid.root_of(job, root)
+        status = job_status(job, job_root, grid.sharpness.method)
         if status == "done":
             out.skipped.append(job.id)
             continue
@@ -246,24 +299,27 @@ def run_sweep(
             out.failed.append((job.id, "failed earlier (FAILED.json); rerun with --retry-failed"))
             blocked.add(run_key)
             continue
-        with job_lock(root, job) as mine:
+        with job_lock(job_root, job) as mine:
             if not mine:
                 out.busy.append(job.id)
                 blocked.add(run_key)
                 continue
-            if job_status(job, root, grid.sharpness.method) == "done":  # finished by another worker meanwhile
+            if job_status(job, job_root, grid.sharpness.method) == "done":  # finished by another worker meanwhile
                 out.skipped.append(job.id)
                 continue
             log(f"[{len(out.ran) + 1}] {job.id}")
             try:
                 if job.kind == "fp":
-                    J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), root, reporter=reporter_factory(),
+                    J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), job_root, reporter=reporter_factory(),
                                resume=True, force=status == "failed")
                 elif job.kind == "quantize":
-                    J.quantize(grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir), root,
-                               reporter=reporter_factory(), resume=True, force=status == "failed")
+                    fp_run = RunDir.for_run(grid.root_of(Job("fp", job.task, job.seed, "fp"), root), job.task, "fp",
+                                            job.seed)
+                    J.quantize(grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir, job.setting),
+                               job_root, from_path=fp_run.path, reporter=reporter_factory(), resume=True,
+                               force=status == "failed")
                 else:
-                    run = RunDir.for_run(root, job.task, job.variant, job.seed)
+                    run = RunDir.for_run(job_root, job.task, job.variant, job.seed)
                     J.measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter_factory())
                 out.ran.append(job.id)
             except SquatError as exc:
@@ -273,5 +329,5 @@ def run_sweep(
     return out
 
 
-def describe(jobs: list[Job], root: Path, sharpness_method: str = "ascent") -> list[tuple[str, str]]:
-    return [(j.id, job_status(j, root, sharpness_method)) for j in jobs]
+def describe(grid: Grid, jobs: list[Job], root: Path) -> list[tuple[str, str]]:
+    return [(j.id, job_status(j, grid.root_of(j, root), grid.sharpness.method)) for j in jobs]

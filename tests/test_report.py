@@ -112,3 +112,18 @@ def test_report_empty_and_missing(tmp_path):
     res = runner.invoke(app, ["report", "--out", str(tmp_path / "empty"), "--reports", str(tmp_path / "r")])
     assert res.exit_code == 0
     assert "No runs." in (tmp_path / "r" / "table1.md").read_text()
+
+
+def test_sharpness_scores_whose_ascent_stopped_inside_the_ball_are_flagged(tmp_path):
+    root = tmp_path / "runs"
+    for seed, norm in ((1, 0.05), (2, 0.012), (3, 0.0499999)):  # seed 2 stopped at a quarter of rho
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": 0.6},
+                 sharp={"ascent/rho=0.05": {"score": 0.1, "loss0": 0.6, "delta_norm": norm},
+                        "ascent/rho=0.01": {"score": 0.02, "loss0": 0.6, "delta_norm": 0.01, "reached_edge": True}})
+    rep = write_report(root, tmp_path / "rep")
+    t3, t4 = (t.frame.set_index(["method", "W/A"]).loc[("LSQ", "2/8")] for t in rep.tables[2:4])
+    assert t4["RTE_short"] == 1 and t3["RTE_short"] == 0
+    md4 = (tmp_path / "rep" / "table4.md").read_text()
+    assert "0.10000 ± 0.00000 (n=3), L0 0.600 †1" in md4 and "stopped inside the ball" in md4
+    assert "†" not in (tmp_path / "rep" / "table3.md").read_text()
+    assert "RTE_short" in (tmp_path / "rep" / "table4.csv").read_text().splitlines()[0]

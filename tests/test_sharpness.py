@@ -17,8 +17,9 @@ TARGETS = ["attention.self.query", "attention.self.key", "attention.self.value",
            "intermediate.dense", "output.dense"]
 
 
-def reference_algorithm2(fp, W0, bs, rho, steps, lr):
-    """Algorithm 2 written out: W_{t+1} = W_t + lr * grad L(W_t), projected onto ||W - W0|| <= rho."""
+def reference_algorithm2(fp, W0, bs, rho, steps, lr, normalized=False):
+    """Algorithm 2 written out: W_{t+1} = W_t + lr * grad L(W_t), projected onto ||W - W0|| <= rho.
+    ``normalized``: W_{t+1} = W_t + lr * rho * g / ||g|| instead."""
     fp.eval()
     n = sum(len(b["labels"]) for b in bs)
     names = list(W0)
@@ -31,7 +32,8 @@ def reference_algorithm2(fp, W0, bs, rho, steps, lr):
     for _ in range(steps):
         leaves = {k: W[k].clone().requires_grad_() for k in names}
         g = torch.autograd.grad(loss(leaves), [leaves[k] for k in names])
-        W = {k: W[k] + lr * gi for k, gi in zip(names, g)}
+        step = lr * rho / math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g)) if normalized else lr
+        W = {k: W[k] + step * gi for k, gi in zip(names, g)}
         d = math.sqrt(sum(float(((W[k] - W0[k]) ** 2).sum()) for k in names))
         if d > rho:
             W = {k: W0[k] + rho * (W[k] - W0[k]) / d for k in names}
@@ -127,3 +129,25 @@ def test_keskar_variant(converged):
     assert a.score == b.score and a.score > 0
     big = keskar_sharpness(copy.deepcopy(model), bs, 1.0, subspace=4, maxiter=5, seed=0)
     assert big.score > a.score
+
+
+def test_normalized_steps_match_reference_and_reach_the_edge_where_raw_steps_stop_short():
+    """Raw steps of lr 0.1 on a tiny gradient stay deep inside the ball, so rho 0.01 and 0.05 give the same
+    score; steps of 0.5 rho along the gradient reach ||delta|| = rho, and the two radii differ."""
+    from squat_cli.sharpness import reached_edge
+
+    bs = batches(2, seed=4)
+    fp = tiny_bert(3)
+    W0 = {n: p.detach().clone() for n, p in fp.named_parameters() if n in _target_names(fp)}
+    ref = reference_algorithm2(copy.deepcopy(fp), W0, bs, 0.05, 4, 0.5, normalized=True)
+    res = ascent_sharpness(tiny_bert(3), bs, 0.05, 4, 0.5, step="normalized")
+    assert res.trajectory == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert res.delta_norm == pytest.approx(0.05, rel=1e-6) and reached_edge(res.delta_norm, 0.05)
+    raw = {rho: ascent_sharpness(tiny_bert(3), bs, rho, 4, 0.1, step="raw") for rho in (0.01, 0.05)}
+    assert raw[0.01].delta_norm < 0.5 * 0.01 and not reached_edge(raw[0.01].delta_norm, 0.01)
+    assert raw[0.01].score == raw[0.05].score  # both stopped inside: the radius made no difference
+    norm = {rho: ascent_sharpness(tiny_bert(3), bs, rho, 4, 0.5, step="normalized") for rho in (0.01, 0.05)}
+    assert all(reached_edge(norm[r].delta_norm, r) for r in norm)
+    assert norm[0.05].score > norm[0.01].score > 0
+    with pytest.raises(ValueError, match="step must be"):
+        ascent_sharpness(tiny_bert(3), bs, 0.05, 1, 0.5, step="big")

@@ -1,5 +1,6 @@
 """Sweep: plan expansion, sharding, interruption and resume, on a tiny model."""
 
+import json
 import os
 import signal
 import subprocess
@@ -104,10 +105,10 @@ def test_killed_sweep_resumes_without_repeating(tmp_path, tiny_bert, glue_dir):
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.json")}
     grid = load_grid(recipe)
-    status = dict(describe(plan(grid), runs))
+    status = dict(describe(grid, plan(grid), runs))
     assert "todo" in status.values() and "done" in status.values()
     out = _sweep([str(recipe), "--out", str(runs), "--reports", str(tmp_path / "rep")]).communicate(timeout=300)[0]
-    assert all(s == "done" for s in dict(describe(plan(grid), runs)).values()), out
+    assert all(s == "done" for s in dict(describe(grid, plan(grid), runs)).values()), out
     for p, stamp in done_before.items():
         assert p.stat().st_mtime_ns == stamp, f"{p} was run again"
     assert "Table 1" in out and (tmp_path / "rep" / "table1.md").is_file()
@@ -121,7 +122,66 @@ def test_two_shards_share_one_runs_folder(tmp_path, tiny_bert, glue_dir):
         outs.append(_sweep([str(recipe), "--out", str(runs), "--shard", f"{i}/2", "--no-report"]).communicate(
             timeout=300)[0])
     grid = load_grid(recipe)
-    assert all(s == "done" for s in dict(describe(plan(grid), runs)).values())
+    assert all(s == "done" for s in dict(describe(grid, plan(grid), runs)).values())
     ran = [line for o in outs for line in o.splitlines() if line.startswith("[")]
     assert len(ran) == len(plan(grid))  # every job ran exactly once across the two workers
     assert "seed1" in outs[0] and "seed2" not in outs[0] and "seed2" in outs[1]
+
+
+def test_settings_search_runs_each_setting_into_its_own_root(tmp_path, tiny_bert, glue_dir):
+    """A settings grid: every quantized run once per named setting, under <out>/<setting>/, all from the
+    FP runs in sweep.fp_runs; the search table lists every run with the settings that ran."""
+    path = _tiny_grid(tmp_path, tiny_bert, glue_dir)
+    data = yaml.safe_load(path.read_text())
+    fp_root = tmp_path / "fp-runs"
+    data["sweep"].update(methods=["lsq"], wbits=[2], seeds=[1], sharpness_rhos=[], fp_runs=str(fp_root))
+    data["settings"] = {"lr-a": {"train.lr": 1.0e-4}, "lr-b": {"train.lr": 3.0e-4, "quant.step_lr": 0.01}}
+    path.write_text(yaml.safe_dump(data))
+    grid = load_grid(path)
+    assert [j.id for j in plan(grid)] == ["rte/fp/seed1", "lr-a/rte/lsq-w2a8/seed1", "lr-b/rte/lsq-w2a8/seed1"]
+    assert grid.quant_recipe("rte", 1, "lsq", 2, setting="lr-b").quant.step_lr == 0.01
+    runs = tmp_path / "search"
+    out = _sweep([str(path), "--out", str(runs), "--reports", str(tmp_path / "rep")]).communicate(timeout=300)[0]
+    assert "search: 2 runs (2 finished)" in out, out
+    assert (fp_root / "rte" / "fp" / "seed1" / "metrics.json").is_file() and not (runs / "rte").exists()
+    for name, lr in (("lr-a", 1.0e-4), ("lr-b", 3.0e-4)):
+        run = runs / name / "rte" / "lsq-w2a8" / "seed1"
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"] == lr
+        assert json.loads((run / "metrics.json").read_text())["from"] == str(fp_root / "rte" / "fp" / "seed1")
+    table = (tmp_path / "rep" / "search.md").read_text()
+    assert "| lr-a | rte | lsq-w2a8 | 1 | 0.0001 | 0.1 |" in table and "| lr-b | rte | lsq-w2a8 | 1 | 0.0003 | 0.01 |" in table
+    # the same table from `squat report --search`
+    res = subprocess.run([sys.executable, "-m", "squat_cli", "report", "--search", "--out", str(runs), "--reports",
+                          str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "rep2" / "search.md").read_text() == table
+
+
+def test_settings_must_be_named_mappings(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("sweep:\n  tasks: [rte]\nsettings:\n  a: 3\n")
+    with pytest.raises(RecipeError, match="settings: expected a mapping"):
+        load_grid(p)
+    p.write_text("sweep:\n  tasks: [rte]\nsettings:\n  fp: {train.lr: 1.0e-5}\n")
+    with pytest.raises(RecipeError, match="'fp' is not a usable folder name"):
+        load_grid(p)
+    p.write_text("sweep:\n  tasks: [rte]\nsettings:\n  a: {train.lr: fast}\n")
+    with pytest.raises(RecipeError, match="train.lr: 'fast' is not valid"):
+        load_grid(p)
+
+
+def test_sharpness_only_for_the_methods_asked(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("sweep:\n  tasks: [rte]\n  methods: [lsq, squat, joint]\n  wbits: [2]\n  seeds: [1]\n"
+                 "  sharpness_rhos: [0.01, 0.05]\n  sharpness_methods: [fp, lsq, squat]\n")
+    sh = [j for j in plan(load_grid(p)) if j.kind == "sharpness"]
+    assert sorted({j.variant for j in sh}) == ["fp", "lsq-w2a8", "squat-w2a8"] and len(sh) == 6
+    p.write_text("sweep:\n  tasks: [rte]\n  sharpness_methods: [magic]\n")
+    with pytest.raises(RecipeError, match="unknown method 'magic'"):
+        load_grid(p)
+    p.write_text("sweep:\n  tasks: [rte]\nsharpness:\n  examples: 0\n")
+    with pytest.raises(RecipeError, match="sharpness.examples: 0 must be > 0"):
+        load_grid(p)
+    p.write_text("sweep:\n  tasks: [rte]\nsharpness:\n  split: test\n")
+    with pytest.raises(RecipeError, match="sharpness.split: 'test' is not one of train, dev"):
+        load_grid(p)

@@ -12,14 +12,27 @@ import yaml
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
 from squat_cli.runs import discover, parse_variant, read_json
+from squat_cli.sharpness import reached_edge
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
+
+
+def stopped_short(key: str, entry: dict) -> bool:
+    """An ascent score whose final perturbation stayed inside the ball (||delta_T|| < rho); False if unrecorded."""
+    if not key.startswith("ascent/"):
+        return False
+    if isinstance(entry.get("reached_edge"), bool):
+        return not entry["reached_edge"]
+    if not isinstance(entry.get("delta_norm"), (int, float)):
+        return False  # not recorded: cannot tell
+    return not reached_edge(float(entry["delta_norm"]), float(key.split("=", 1)[1]))
 
 
 @dataclass
 class Collected:
     results: pd.DataFrame
-    """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0."""
+    """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (an ascent that
+    stopped inside the ball)."""
     recipes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -58,18 +71,18 @@ def collect(root: Path) -> Collected:
             continue
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
         for k in task.metric_names():
-            rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None})
+            rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False})
         if run.sharpness_file.is_file():
             try:
                 sharp = read_json(run.sharpness_file)
                 for key, entry in sharp.items():
                     rows.append({**base, "metric": f"sharpness:{key}", "value": float(entry["score"]),
-                                 "loss0": float(entry["loss0"])})
+                                 "loss0": float(entry["loss0"]), "short": stopped_short(key, entry)})
             except (SquatError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append((str(run.sharpness_file), "unreadable sharpness.json (metrics still used)"))
         try:
             recipes.append({**base, "recipe": yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}})
         except (OSError, yaml.YAMLError):
             recipes.append({**base, "recipe": {}})
-    cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0"]
+    cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0", "short"]
     return Collected(pd.DataFrame(rows, columns=cols), recipes, skipped)

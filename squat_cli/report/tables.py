@@ -19,6 +19,8 @@ from squat_cli.report.paper import paper_value
 METHOD_ORDER = ["fp", "ptq", "q8bert", "lsq", "joint", "squat", "fp-sam"]
 METHOD_LABEL = {"fp": "FP32", "ptq": "PTQ", "q8bert": "Q8BERT", "lsq": "LSQ", "joint": "Joint", "squat": "SQuAT",
                 "fp-sam": "FP-SAM"}
+SHORT_MARK = "†"
+"""Marks a sharpness cell holding scores whose ascent stopped inside the ball, followed by their count."""
 AUX_COLUMNS = [("mrpc", "f1", "MRPC F1"), ("stsb", "spearmanr", "STS-B Spearman"), ("qqp", "f1", "QQP F1"),
                ("mnli", "accuracy_mm", "MNLI-mm")]
 
@@ -37,10 +39,14 @@ class Table:
 def aggregate(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, sample std and seed count per (method, wbits, abits, task, metric)."""
     if results.empty:
-        return pd.DataFrame(columns=["method", "wbits", "abits", "task", "metric", "mean", "std", "n", "loss0"])
+        return pd.DataFrame(columns=["method", "wbits", "abits", "task", "metric", "mean", "std", "n", "loss0",
+                                     "short"])
     g = results.groupby(["method", "wbits", "abits", "task", "metric"], dropna=False)
     out = g["value"].agg(mean="mean", std=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="count")
     out["loss0"] = g["loss0"].mean()
+    short = results["short"] if "short" in results else pd.Series(False, index=results.index)
+    out["short"] = short.fillna(False).astype(bool).groupby(
+        [results[k] for k in ("method", "wbits", "abits", "task", "metric")], dropna=False).sum()
     return out.reset_index()
 
 
@@ -67,12 +73,12 @@ def _build(agg: pd.DataFrame, table: str, title: str, cells: list[tuple[str, str
             paper = paper_value(table, method, wbits, task, paper_metric)
             if hit.empty:
                 rec.update({col: np.nan, f"{col}_std": np.nan, f"{col}_n": 0, f"{col}_paper": paper,
-                            f"{col}_diff": np.nan, f"{col}_loss0": np.nan})
+                            f"{col}_diff": np.nan, f"{col}_loss0": np.nan, f"{col}_short": 0})
                 continue
             h = hit.iloc[0]
             rec.update({col: h["mean"], f"{col}_std": h["std"], f"{col}_n": int(h["n"]), f"{col}_paper": paper,
                         f"{col}_diff": (h["mean"] - paper) if paper is not None else np.nan,
-                        f"{col}_loss0": h["loss0"]})
+                        f"{col}_loss0": h["loss0"], f"{col}_short": int(h["short"])})
         records.append(rec)
     frame = pd.DataFrame.from_records(records)
     return Table(table, title, frame, [c for _, _, c in cells], digits)
@@ -110,6 +116,8 @@ def cell_text(row: pd.Series, col: str, digits: int, with_paper: bool = True) ->
         loss0 = row.get(f"{col}_loss0")
         if loss0 is not None and not (isinstance(loss0, float) and np.isnan(loss0)):
             text += f", L0 {loss0:.3f}"
+        if row.get(f"{col}_short"):
+            text += f" {SHORT_MARK}{int(row[f'{col}_short'])}"
     paper = row.get(f"{col}_paper")
     if with_paper and paper is not None and not (isinstance(paper, float) and np.isnan(paper)):
         text += f" · paper {paper:g}"
@@ -127,6 +135,9 @@ def to_markdown(table: Table) -> str:
     for _, row in table.frame.iterrows():
         cells = [cell_text(row, c, table.digits) for c in table.columns]
         lines.append(f"| {row['method']} | {row['W/A']} | " + " | ".join(cells) + " |")
+    if any(table.frame.get(f"{c}_short", pd.Series(dtype=float)).fillna(0).sum() for c in table.columns):
+        lines += ["", f"{SHORT_MARK}k: k of the cell's scores come from an ascent that stopped inside the ball "
+                  "(||delta_T|| < rho): they measure a smaller radius and are not comparable."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,5 +148,5 @@ def to_csv(table: Table) -> str:
     for c in table.columns:
         cols += [c, f"{c}_std", f"{c}_n", f"{c}_paper", f"{c}_diff"]
         if table.name in ("table3", "table4"):
-            cols.append(f"{c}_loss0")
+            cols += [f"{c}_loss0", f"{c}_short"]
     return table.frame[cols].to_csv(index=False, float_format=f"%.{table.digits + 2}f")
