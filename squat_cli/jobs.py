@@ -17,11 +17,13 @@ import yaml
 from squat_cli.data import Encoded, encode, eval_loader, load_split, resolve_data_dir, subset, train_loader
 from squat_cli.errors import DivergenceError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
+from squat_cli.mixed_precision import assign_mixed_bits
 from squat_cli.models import load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
+from squat_cli.quant.gobo import gobo_outlier_shares
 from squat_cli.quant.qlinear import is_quantizer_key
-from squat_cli.recipe import Recipe, recipe_from_dict
+from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, recipe_from_dict
 from squat_cli.runs import (
     RunDir,
     atomic_dir,
@@ -145,7 +147,7 @@ def _train_and_save(
     task = data.task
     try:
         steps_before = step_summary(model)
-        if method == "ptq":
+        if method in POST_TRAINING_METHODS:
             m = evaluate(model, task, data.dev, recipe.train.eval_batch_size, tokenizer.pad_token_id,
                          acc.device, acc.autocast)
             if main:
@@ -220,7 +222,7 @@ def quantize(
     if q is None:
         raise SquatError("the recipe has no quant section")
     task = get_task(recipe.data.task)
-    variant = variant_name(q.method, q.wbits if q.method != "fp-sam" else 32, q.abits if q.method != "fp-sam" else 32)
+    variant = variant_name(*q.variant_parts())
     run = RunDir.for_run(runs_root, task.name, variant, recipe.train.seed)
     src = source_run(runs_root, task, recipe.train.seed, from_path)
     recipe.model.name_or_path = src.metrics().get("model", recipe.model.name_or_path)
@@ -232,14 +234,19 @@ def quantize(
     acc = make_accelerator(recipe.train.precision)
     seed_everything(recipe.train.seed)
     model = load_model(str(src.model_dir), task)
-    names = quantize_model(model, q)
+    bits, method_info = None, {}
+    if q.mixed_bits():  # Q-BERT: the FP model's Hessian decides which layers get the higher bit width
+        bits, method_info = assign_mixed_bits(model, q, data.train, recipe.train.seed, tokenizer.pad_token_id)
+    names = quantize_model(model, q, bits=bits)
+    if q.method == "gobo":
+        method_info["gobo_outlier_share"] = gobo_outlier_shares(model)
     model.to(acc.device)
     calib = train_loader(data.train, recipe.train.batch_size, recipe.train.seed + 1, tokenizer.pad_token_id)
     calib_batches = [b for _, b in zip(range(q.calib_batches), calib)]
     calibrate(model, ({k: v.to(acc.device) for k, v in b.items()} for b in calib_batches), q.act_init)
     extra = {"method": q.method, "wbits": q.wbits, "abits": q.abits, "seed": recipe.train.seed,
              "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
-             "quantized_modules": len(names)}
+             "quantized_modules": len(names), **method_info}
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, q.method, resuming, reporter, extra,
                               {"from": str(src.path), "quantized_modules": names}, names)
     return JobResult(run, metrics)

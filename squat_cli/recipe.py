@@ -19,7 +19,11 @@ import yaml
 
 from squat_cli.errors import RecipeError
 
-METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq")
+METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert")
+WEIGHT_ONLY_METHODS = ("fp-sam", "gobo")
+"""Methods whose activations stay FP32 (their variant is always ``a32``)."""
+POST_TRAINING_METHODS = ("ptq", "gobo")
+"""Methods that make no training step."""
 
 
 @dataclass
@@ -90,7 +94,7 @@ class TrainConfig:
 class QuantConfig:
     """Quantizers, the modules they wrap, and the step-size optimizer."""
 
-    method: Literal["lsq", "joint", "squat", "fp-sam", "q8bert", "ptq"] = "squat"
+    method: Literal["lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert"] = "squat"
     wbits: int = 4
     abits: int = 8
     per_channel: bool = False
@@ -116,6 +120,56 @@ class QuantConfig:
     of one token, the same for every batch."""
     ptq_step: Literal["minmax", "mse"] = "mse"
     q8bert_ema: float = 0.9999
+    gobo_threshold: float = -4.0
+    """gobo: a weight is an outlier (kept FP32) when its log-density under the matrix's Gaussian fit is at or
+    below this (-4: about 3.5-3.7 sigma for BERT's weights, as in the public re-implementation)."""
+    gobo_embedding_bits: Optional[int] = None
+    """gobo: bits of the word-embedding codebook; None = as published (2 for W2, else max(4, wbits)); 32 = FP32."""
+    qbert_groups: int = 128
+    """qbert: row groups per weight matrix, each with its own range (12 = one per BERT-base head; 128 = the
+    paper's finest setting). Must divide every quantized matrix's rows."""
+    qbert_embedding_bits: int = 8
+    """qbert: bits of the word embeddings (one range for the table); 32 = FP32."""
+    qbert_act_momentum: float = 0.99
+    """qbert: EMA momentum of the activation ranges."""
+    mixed: Optional[str] = None
+    """qbert: mixed precision ``"L/H"`` (e.g. ``2/3``): the most Hessian-sensitive encoder layers get H bits,
+    the others L (``quant.wbits`` is then L)."""
+    mixed_share: float = 0.5
+    """qbert mixed precision: the share of encoder layers that get the higher bit width."""
+    hessian_subsets: int = 4
+    """qbert mixed precision: random training subsets the top Hessian eigenvalue is computed on (paper: 10)."""
+    hessian_examples: int = 64
+    """qbert mixed precision: training examples per subset (paper: 10% of the training set)."""
+    hessian_iters: int = 20
+    """qbert mixed precision: power-iteration steps (at most) per eigenvalue."""
+
+    def variant_parts(self) -> tuple[str, int, int]:
+        """(method label, weight bits, activation bits) of the run folder's variant: weight-only methods are
+        ``a32``, fp-sam ``w32a32``, Q-BERT's mixed precision ``qbert-mp<H>`` with W = the lower bit width."""
+        if self.method == "fp-sam":
+            return "fp-sam", 32, 32
+        abits = 32 if self.method in WEIGHT_ONLY_METHODS else self.abits
+        mixed = self.mixed_bits()
+        return (f"qbert-mp{mixed[1]}" if mixed else self.method), self.wbits, abits
+
+    def mixed_bits(self) -> Optional[tuple[int, int]]:
+        """(low, high) of ``mixed``, or None."""
+        if self.mixed is None:
+            return None
+        low, high = (int(x) for x in self.mixed.split("/"))
+        return low, high
+
+    def embedding_bits(self) -> Optional[int]:
+        """Bits of the word embeddings for this method (None: kept FP32)."""
+        if self.method == "gobo":
+            bits = self.gobo_embedding_bits
+            if bits is None:
+                bits = 2 if self.wbits == 2 else max(4, self.wbits)
+            return None if bits >= 32 else bits
+        if self.method == "qbert":
+            return None if self.qbert_embedding_bits >= 32 else self.qbert_embedding_bits
+        return self.wbits if self.quantize_embeddings else None
 
 
 @dataclass
@@ -192,6 +246,27 @@ class Recipe:
                 raise RecipeError(f"quant.step_momentum: {q.step_momentum} must be in [0, 1)")
             if not 0 < q.q8bert_ema < 1:
                 raise RecipeError(f"quant.q8bert_ema: {q.q8bert_ema} must be in (0, 1)")
+            if q.method == "gobo" and q.abits != 32:
+                raise RecipeError(f"quant.abits: {q.abits}; gobo keeps activations in FP32 (use 32)")
+            if q.gobo_embedding_bits is not None and not (1 <= q.gobo_embedding_bits <= 8
+                                                          or q.gobo_embedding_bits == 32):
+                raise RecipeError(f"quant.gobo_embedding_bits: {q.gobo_embedding_bits} is outside 1..8 (or 32)")
+            if not (2 <= q.qbert_embedding_bits <= 8 or q.qbert_embedding_bits == 32):
+                raise RecipeError(f"quant.qbert_embedding_bits: {q.qbert_embedding_bits} is outside 2..8 (or 32)")
+            _positive("quant.qbert_groups", q.qbert_groups, allow_zero=False)
+            if not 0 < q.qbert_act_momentum < 1:
+                raise RecipeError(f"quant.qbert_act_momentum: {q.qbert_act_momentum} must be in (0, 1)")
+            if q.mixed is not None:
+                if q.method != "qbert":
+                    raise RecipeError(f"quant.mixed: mixed precision is a qbert option (method is {q.method})")
+                parts = q.mixed.split("/")
+                if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 2 <= int(parts[0]) < int(parts[1]) <= 8:
+                    raise RecipeError(f"quant.mixed: {q.mixed!r} must be L/H with 2 <= L < H <= 8, e.g. 2/3")
+                q.wbits = int(parts[0])
+            if not 0 < q.mixed_share < 1:
+                raise RecipeError(f"quant.mixed_share: {q.mixed_share} must be in (0, 1)")
+            for key in ("hessian_subsets", "hessian_examples", "hessian_iters"):
+                _positive(f"quant.{key}", getattr(q, key), allow_zero=False)
         return self
 
 
@@ -212,6 +287,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        return f"a mapping of {_type_name(ktp)} to {_type_name(vtp)}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -249,6 +327,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise bad
         (item,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        ktp, vtp = typing.get_args(tp)
+        return {_coerce(f"{key} key", ktp, k): _coerce(f"{key}.{k}", vtp, v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

@@ -29,6 +29,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,23 @@ from typing import Any, Callable, Iterator, Optional
 
 from squat_cli.errors import RecipeError, SquatError
 from squat_cli.glue import get_task
-from squat_cli.recipe import METHODS, QUANTIZE_DEFAULTS, Recipe, _build, _merge, apply_overrides, read_yaml, recipe_from_dict
+from squat_cli.recipe import (
+    METHODS,
+    QUANTIZE_DEFAULTS,
+    WEIGHT_ONLY_METHODS,
+    Recipe,
+    _build,
+    _merge,
+    apply_overrides,
+    read_yaml,
+    recipe_from_dict,
+)
 from squat_cli.runs import RunDir, variant_name
 from squat_cli.sharpness import SharpnessSettings
+
+SAM_METHODS = ("joint", "squat", "fp-sam")
+MIXED_RE = re.compile(r"^qbert-mp([2-8])$")
+"""Grid method names for Q-BERT's mixed precision: ``qbert-mp3`` is W/3 for each W of its bit widths."""
 
 
 @dataclass
@@ -53,6 +68,8 @@ class SweepSection:
     """Runs root of the FP runs (made there if missing); None: the sweep's ``--out``."""
     sharpness_methods: Optional[list[str]] = None
     """Methods whose runs get sharpness scores (``fp`` for the FP runs); None: every run."""
+    method_wbits: dict[str, list[int]] = field(default_factory=dict)
+    """Weight bit widths for a method instead of ``wbits`` (``{q8bert: [8]}``)."""
 
 
 @dataclass
@@ -96,14 +113,20 @@ class Grid:
         if setting:
             apply_overrides(d, dict(self.settings[setting]))
         over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
-                "quant.abits": self.sweep.abits}
+                "quant.abits": 32 if method in WEIGHT_ONLY_METHODS else self.sweep.abits}
+        mixed = MIXED_RE.match(method)
+        if mixed:  # qbert-mp<H>: Q-BERT with mixed precision W/H
+            over.update({"quant.method": "qbert", "quant.mixed": f"{wbits}/{mixed.group(1)}"})
         if data_dir:
             over["data.data_dir"] = data_dir
         rho = (d.get("sam") or {}).get("rho")
         if isinstance(rho, dict):  # per-bits radius: {2: 0.1, 4: 0.15}
-            if wbits not in rho:
+            if wbits in rho:
+                over["sam.rho"] = rho[wbits]
+            elif method in SAM_METHODS:
                 raise RecipeError(f"quantize.sam.rho: no radius for W{wbits} (have {sorted(rho)})")
-            over["sam.rho"] = rho[wbits]
+            else:  # no SAM: the radius is unused
+                over["sam.rho"] = None
         return recipe_from_dict(apply_overrides(d, over)).validate()
 
     def sharpness_settings(self, rho: float) -> SharpnessSettings:
@@ -148,9 +171,10 @@ def load_grid(path: Path | str) -> Grid:
     for t in sweep.tasks:
         get_task(t)
     known = {"fp", *METHODS}
-    for m in [*sweep.methods, *(sweep.sharpness_methods or [])]:
-        if m not in known:
-            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted(known))}")
+    for m in [*sweep.methods, *(sweep.sharpness_methods or []), *sweep.method_wbits]:
+        if m not in known and not MIXED_RE.match(m):
+            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted(known))}, "
+                              "qbert-mp<H> (Q-BERT mixed precision W/H)")
     if any(r <= 0 for r in sweep.sharpness_rhos):
         raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")
     # validate every recipe the grid will use, before anything runs
@@ -158,7 +182,7 @@ def load_grid(path: Path | str) -> Grid:
         for seed in sweep.seeds:
             grid.fp_recipe(t, seed)
             for m in sweep.methods:
-                for b in sweep.wbits:
+                for b in sweep.method_wbits.get(m, sweep.wbits):
                     for name in grid.setting_names():
                         grid.quant_recipe(t, seed, m, b, setting=name)
     return grid
@@ -200,10 +224,10 @@ def plan(grid: Grid) -> list[Job]:
             chain = [Job("fp", t, seed, "fp")]
             for name in grid.setting_names():
                 for m in grid.sweep.methods:
-                    for b in grid.sweep.wbits:
+                    for b in grid.sweep.method_wbits.get(m, grid.sweep.wbits):
                         if m == "fp-sam":  # unquantized: one run, whatever the bits
                             b = 32
-                        variant = variant_name(m, b, 32 if m == "fp-sam" else grid.sweep.abits)
+                        variant = variant_name(m, b, 32 if m in WEIGHT_ONLY_METHODS else grid.sweep.abits)
                         job = Job("quantize", t, seed, variant, m, b, setting=name)
                         if job not in chain:
                             chain.append(job)

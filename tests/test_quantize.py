@@ -70,6 +70,11 @@ def test_quantized_run_folder_and_reload(runs, glue_dir):
         ("fp-sam", [], "fp-sam-w32a32"),
         ("q8bert", ["--wbits", "8", "--abits", "8"], "q8bert-w8a8"),
         ("ptq", ["--wbits", "4"], "ptq-w4a8"),
+        ("gobo", ["--wbits", "2"], "gobo-w2a32"),
+        ("gobo", ["--wbits", "3", "--set", "quant.gobo_embedding_bits=32"], "gobo-w3a32"),
+        ("qbert", ["--wbits", "2", "--set", "quant.qbert_groups=16"], "qbert-w2a8"),
+        ("qbert", ["--set", "quant.mixed=2/3", "--set", "quant.qbert_groups=16", "--set", "quant.hessian_examples=8",
+                   "--set", "quant.hessian_subsets=2", "--set", "quant.hessian_iters=3"], "qbert-mp3-w2a8"),
     ],
 )
 def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
@@ -78,10 +83,30 @@ def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
     run = RunDir(runs / "rte" / variant / "seed42")
     m = run.metrics()
     assert m["method"] == method and 0 <= m["accuracy"] <= 1
-    assert m["steps"] == (0 if method == "ptq" else 3)
+    assert m["steps"] == (0 if method in ("ptq", "gobo") else 3)
     assert run.quantizer_file.is_file() == (method != "fp-sam")
-    model, *_ = load_run_model(run)
+    model, tok, recipe, task = load_run_model(run)
     assert model is not None
+    if method in ("gobo", "qbert"):  # reloaded from the run folder: the same dev metrics, exactly
+        from squat_cli.jobs import load_task_data
+
+        data = load_task_data(recipe, tok, need_train=False)
+        again = evaluate(model, task, data.dev, 16, tok.pad_token_id, torch.device("cpu"))
+        assert again["accuracy"] == m["accuracy"] and again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
+    if method == "gobo":
+        shares = m["gobo_outlier_share"]
+        assert len(shares) == (12 if variant == "gobo-w3a32" else 13)  # + the word embeddings
+        assert all(0 <= v < 0.02 for v in shares.values())
+        emb = model.bert.embeddings.word_embeddings
+        assert (emb.wq.bits == 2) if variant == "gobo-w2a32" else not hasattr(emb, "wq")
+        assert model.bert.encoder.layer[0].attention.self.query.aq is None  # A32
+    if variant == "qbert-mp3-w2a8":
+        layers = m["layer_bits"]
+        assert sorted(v["bits"] for v in layers.values()) == [2, 3]  # 2 encoder layers: one of each
+        hi = max(layers, key=lambda k: layers[k]["omega"])
+        assert layers[hi]["bits"] == 3 and len(layers[hi]["eigenvalues"]) == 2
+        bits = {n: mod.wq.bits for n, mod in model.named_modules() if n.endswith("attention.self.query")}
+        assert sorted(bits.values()) == [2, 3]  # the per-layer bits travel with the quantizer state
 
 
 @pytest.mark.parametrize(

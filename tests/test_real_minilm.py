@@ -56,10 +56,25 @@ def test_w2_trains(fp_run, glue_dir):
     assert m["accuracy"] > MAJORITY_SST2_DEV + 0.1
 
 
-@pytest.mark.parametrize("method", ["squat", "joint", "fp-sam", "q8bert", "ptq"])
+@pytest.mark.parametrize("method", ["squat", "joint", "fp-sam", "q8bert", "ptq", "gobo", "qbert"])
 def test_all_methods_run_on_real_model(fp_run, glue_dir, method):
     root, _ = fp_run
-    m = _qat(root, glue_dir, method, 8 if method == "q8bert" else 2, **{"train.max_steps": 2, "data.eval_subset": 64,
-                                                                       "sam.rho": 0.02})
-    assert m["steps"] == (0 if method == "ptq" else 2)
+    extra = {"train.max_steps": 2, "data.eval_subset": 64, "sam.rho": 0.02}
+    if method == "gobo":
+        extra["quant.abits"] = 32
+    m = _qat(root, glue_dir, method, 8 if method == "q8bert" else 2, **extra)
+    assert m["steps"] == (0 if method in ("ptq", "gobo") else 2)
     assert 0.3 < m["accuracy"] <= 1.0
+    if method == "gobo":  # 36 encoder matrices + the word embeddings, few outliers each
+        assert len(m["gobo_outlier_share"]) == 37 and max(m["gobo_outlier_share"].values()) < 0.01
+
+
+def test_gobo_w3_keeps_most_of_the_fp_accuracy_and_qbert_mixed_runs(fp_run, glue_dir):
+    """GOBO at 3 bits (4-bit embeddings) is post-training only; Q-BERT mixed 2/3 takes its bits from the Hessian."""
+    root, fp = fp_run
+    g = _qat(root, glue_dir, "gobo", 3, **{"quant.abits": 32, "data.eval_subset": 200})
+    assert g["accuracy"] > MAJORITY_SST2_DEV + 0.1
+    q = _qat(root, glue_dir, "qbert", 2, **{"train.max_steps": 2, "data.eval_subset": 64, "quant.mixed": "2/3",
+                                            "quant.hessian_subsets": 2, "quant.hessian_examples": 16,
+                                            "quant.hessian_iters": 5})
+    assert sorted(v["bits"] for v in q["layer_bits"].values()) == [2, 2, 2, 3, 3, 3]

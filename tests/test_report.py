@@ -3,6 +3,7 @@
 import json
 import statistics
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -127,3 +128,51 @@ def test_sharpness_scores_whose_ascent_stopped_inside_the_ball_are_flagged(tmp_p
     assert "0.10000 ± 0.00000 (n=3), L0 0.600 †1" in md4 and "stopped inside the ball" in md4
     assert "†" not in (tmp_path / "rep" / "table3.md").read_text()
     assert "RTE_short" in (tmp_path / "rep" / "table4.csv").read_text().splitlines()[0]
+
+
+def test_paired_claims_by_hand(tmp_path):
+    """SQuAT - LSQ per (task, bits, seed): diffs +2, +1, -0.5 at W2 (mean 0.8333), known bootstrap bounds,
+    won/lost 2/1; sharpness pairs with a short ascent are left out; cost ratio to LSQ from train_time_s."""
+    from squat_cli.report.claims import bootstrap_ci
+
+    root = tmp_path / "runs"
+    for seed, (lsq, sq) in zip((1, 2, 3), ((0.50, 0.52), (0.60, 0.61), (0.55, 0.545))):
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": lsq, "steps": 10, "train_time_s": 100.0},
+                 sharp={"ascent/rho=0.05": {"score": 0.3, "loss0": 0.5, "delta_norm": 0.05}})
+        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": sq, "steps": 10, "train_time_s": 300.0},
+                 sharp={"ascent/rho=0.05": {"score": 0.1, "loss0": 0.6,
+                                            "delta_norm": 0.05 if seed != 3 else 0.01}})
+        make_run(root, "rte", "fp", seed, {"accuracy": 0.5, "steps": 10, "train_time_s": 90.0})
+    write_report(root, tmp_path / "rep")
+    md = (tmp_path / "rep" / "claims.md").read_text()
+    lo, hi = bootstrap_ci(np.array([2.0, 1.0, -0.5]))
+    assert -0.5 <= lo < 0.8333 < hi <= 2.0
+    assert f"| C1 | SQuAT - LSQ, main dev metric (points) | W2 | 3 | +0.83 | [{lo:+.2f}, {hi:+.2f}] | 2/1 |" in md
+    # two usable sharpness pairs (seed 3's SQuAT ascent stopped short): -0.2 each, so SQuAT is flatter
+    assert "| C2 | SQuAT - LSQ, sharpness at rho 0.05 (negative: SQuAT flatter) | W2 | 2 | -0.20000 |" in md
+    assert md.splitlines()[[i for i, line in enumerate(md.splitlines()) if "rho 0.05" in line][0]].endswith("| 1 |")
+    assert "| squat | 2/8 | 3 | 300 | 3.00x |" in md and "| lsq | 2/8 | 3 | 100 | 1.00x |" in md
+    pairs = (tmp_path / "rep" / "pairs.csv").read_text().splitlines()
+    assert pairs[0] == "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff"
+    assert "squat-vs-lsq,rte,2,1,52,50,2,False," in "\n".join(pairs)
+    assert "sharpness-0.05,rte,2,3,0.1,0.3,-0.2,True,0.1" in "\n".join(pairs)
+
+
+def test_gobo_and_qbert_rows_beside_the_papers(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "stsb", "gobo-w2a32", 1, {"pearson": 0.80, "spearmanr": 0.79})
+    make_run(root, "stsb", "gobo-w3a32", 1, {"pearson": 0.86, "spearmanr": 0.85})
+    make_run(root, "sst2", "qbert-w2a8", 1, {"accuracy": 0.85})
+    make_run(root, "sst2", "qbert-mp3-w2a8", 1, {"accuracy": 0.88})
+    make_run(root, "mnli", "qbert-w3a8", 1, {"accuracy": 0.8, "accuracy_mm": 0.81})
+    rep = write_report(root, tmp_path / "rep")
+    t1 = rep.tables[0].frame.set_index(["method", "W/A"])
+    assert t1.loc[("GOBO", "2/32")]["STS-B_paper"] == 82.7 and t1.loc[("GOBO", "2/32")]["STS-B"] == pytest.approx(80)
+    assert t1.loc[("GOBO", "3/32")]["STS-B_paper"] == 88.3
+    assert t1.loc[("Q-BERT", "2/8")]["SST-2_paper"] == 84.6
+    assert t1.loc[("Q-BERT MP 2/3", "2/8")]["SST-2"] == pytest.approx(88.0)
+    t2 = rep.tables[1].frame.set_index(["method", "W/A"])
+    assert t2.loc[("Q-BERT", "3/8")]["MNLI-mm_paper"] == 83.8 and t2.loc[("Q-BERT", "3/8")]["MNLI-mm"] == \
+        pytest.approx(81.0)
+    order = list(rep.tables[0].frame["method"])
+    assert order.index("GOBO") < order.index("Q-BERT") < order.index("Q-BERT MP 2/3")

@@ -24,7 +24,12 @@ def test_paper_grid_is_the_paper():
     fp = [j for j in jobs if j.kind == "fp"]
     q = [j for j in jobs if j.kind == "quantize"]
     sh = [j for j in jobs if j.kind == "sharpness"]
-    assert len(fp) == 8 * 3 and len(q) == 8 * 3 * 2 * 3 and len(sh) == 2 * (len(fp) + len(q))
+    # per task and seed: Q8BERT 8/8, GOBO W2/W3, Q-BERT, LSQ and SQuAT at W2/W3/W4; sharpness for FP, LSQ, SQuAT
+    assert len(fp) == 8 * 3 and len(q) == 8 * 3 * (1 + 2 + 3 * 3) and len(sh) == 2 * 8 * 3 * (1 + 2 * 3)
+    assert {j.variant for j in q} >= {"q8bert-w8a8", "gobo-w2a32", "gobo-w3a32", "qbert-w2a8", "qbert-w4a8"}
+    assert grid.quant_recipe("rte", 1, "gobo", 2).quant.abits == 32
+    mp = grid.quant_recipe("rte", 1, "qbert-mp3", 2).quant
+    assert (mp.method, mp.mixed, mp.wbits, mp.variant_parts()) == ("qbert", "2/3", 2, ("qbert-mp3", 2, 8))
     r = grid.quant_recipe("rte", 1, "squat", 4)
     assert (r.sam.rho, r.train.epochs, r.train.lr, r.train.optimizer, r.train.scheduler) == (0.15, 32, 1e-5, "adam",
                                                                                             "cosine")
@@ -176,6 +181,12 @@ def test_sharpness_only_for_the_methods_asked(tmp_path):
                  "  sharpness_rhos: [0.01, 0.05]\n  sharpness_methods: [fp, lsq, squat]\n")
     sh = [j for j in plan(load_grid(p)) if j.kind == "sharpness"]
     assert sorted({j.variant for j in sh}) == ["fp", "lsq-w2a8", "squat-w2a8"] and len(sh) == 6
+    p.write_text("sweep:\n  tasks: [rte]\n  methods: [lsq, q8bert]\n  wbits: [2, 4]\n  seeds: [1]\n"
+                 "  sharpness_rhos: []\n  method_wbits: {q8bert: [8]}\n")
+    assert [j.variant for j in plan(load_grid(p))] == ["fp", "lsq-w2a8", "lsq-w4a8", "q8bert-w8a8"]
+    p.write_text("sweep:\n  tasks: [rte]\n  method_wbits: {q8bert: eight}\n")
+    with pytest.raises(RecipeError, match="sweep.method_wbits.q8bert: 'eight' is not valid; expected a list"):
+        load_grid(p)
     p.write_text("sweep:\n  tasks: [rte]\n  sharpness_methods: [magic]\n")
     with pytest.raises(RecipeError, match="unknown method 'magic'"):
         load_grid(p)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from squat_cli.errors import RunError
+from squat_cli.errors import RecipeError, RunError
+from squat_cli.quant.gobo import GoboQuantizer
 from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.qbert import EmaRangeQuantizer, GroupQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, learned_quantizers, quant_layers
 from squat_cli.recipe import QuantConfig
 from squat_cli.runs import atomic_path
@@ -47,17 +49,23 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _weight_quantizer(cfg: QuantConfig, out_features: int) -> nn.Module:
+def _weight_quantizer(cfg: QuantConfig, rows: int, bits: int, embedding: bool = False) -> nn.Module:
     if cfg.method == "q8bert":
-        return MaxQuantizer(cfg.wbits)
-    return LsqQuantizer(cfg.wbits, channels=out_features if cfg.per_channel else None, learnable=cfg.method != "ptq")
+        return MaxQuantizer(bits)
+    if cfg.method == "gobo":
+        return GoboQuantizer(bits, cfg.gobo_threshold)
+    if cfg.method == "qbert":
+        return GroupQuantizer(bits, 1 if embedding else cfg.qbert_groups)
+    return LsqQuantizer(bits, channels=rows if cfg.per_channel else None, learnable=cfg.method != "ptq")
 
 
 def _act_quantizer(cfg: QuantConfig) -> nn.Module | None:
-    if cfg.abits >= 32:
+    if cfg.abits >= 32 or cfg.method == "gobo":
         return None
     if cfg.method == "q8bert":
         return MaxQuantizer(cfg.abits, ema=cfg.q8bert_ema)
+    if cfg.method == "qbert":
+        return EmaRangeQuantizer(cfg.abits, cfg.qbert_act_momentum)
     return LsqQuantizer(cfg.abits, learnable=cfg.method != "ptq", grad_scale=cfg.act_grad_scale)
 
 
@@ -67,33 +75,57 @@ def _init_weight(wq: nn.Module, weight: torch.Tensor, cfg: QuantConfig) -> None:
             (wq.init_mse if cfg.ptq_step == "mse" else wq.init_max)(weight.detach())
         else:
             wq.init_lsq(weight.detach())
+    elif isinstance(wq, GoboQuantizer):
+        wq.fit(weight.detach())
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, init_steps: bool = True) -> list[str]:
+def quantize_model(model: nn.Module, cfg: QuantConfig, init_steps: bool = True,
+                   bits: Optional[dict[str, int]] = None) -> list[str]:
     """Swap the selected layers for quantized ones in place; return their names.
 
     Weight steps are initialised here (unless ``init_steps`` is False, when a
     saved quantizer state is loaded next); activation steps need ``calibrate``.
-    ``fp-sam`` quantizes nothing.
+    ``bits`` gives some layers (by module name) another weight bit width than
+    ``cfg.wbits`` (Q-BERT's mixed precision). ``fp-sam`` quantizes nothing.
     """
     if cfg.method in FP_METHODS:
         return []
+    bits = bits or {}
     names = select_linear(model, cfg.include, cfg.exclude)
+    if cfg.method == "qbert":
+        for name in names:
+            rows = model.get_submodule(name).out_features
+            if rows % cfg.qbert_groups:
+                raise RecipeError(f"quant.qbert_groups: {cfg.qbert_groups} does not divide the {rows} rows of {name}")
     for name in names:
         lin = model.get_submodule(name)
-        q = QuantLinear.from_linear(lin, _weight_quantizer(cfg, lin.out_features), _act_quantizer(cfg))
+        wq = _weight_quantizer(cfg, lin.out_features, bits.get(name, cfg.wbits))
+        q = QuantLinear.from_linear(lin, wq, _act_quantizer(cfg))
         if init_steps:
             _init_weight(q.wq, q.weight, cfg)
         _set_module(model, name, q)
-    if cfg.quantize_embeddings:
+    emb_bits = cfg.embedding_bits()
+    if emb_bits is not None:
         emb = model.get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)
-        q = QuantEmbedding.from_embedding(emb, _weight_quantizer(cfg, emb.num_embeddings))
+        q = QuantEmbedding.from_embedding(emb, _weight_quantizer(cfg, emb.num_embeddings, emb_bits, embedding=True))
         if init_steps:
             _init_weight(q.wq, q.weight, cfg)
         _set_module(model, emb_name, q)
         names.append(emb_name)
     return names
+
+
+def encoder_blocks(names: list[str]) -> dict[str, list[str]]:
+    """Group module names by the repeated block they sit in (the path up to its first numeric part):
+    ``bert.encoder.layer.3.attention.self.query`` -> ``bert.encoder.layer.3``. Names outside any block are left out."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if cut is not None:
+            blocks.setdefault(".".join(parts[: cut + 1]), []).append(name)
+    return blocks
 
 
 @torch.no_grad()
@@ -129,6 +161,8 @@ def calibrate(model: nn.Module, batches: Iterable[dict], act_init: str = "max") 
         aq = m.aq
         if isinstance(aq, MaxQuantizer):
             aq.init_max(torch.stack([x.abs().max() for x in xs]))
+        elif isinstance(aq, EmaRangeQuantizer):
+            aq.init_range(xs)
         elif act_init == "max":
             aq.set_step(torch.stack([x.abs().max() for x in xs]).max() / aq.qp)
         else:

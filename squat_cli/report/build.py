@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.figures import figure2, figure3
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
@@ -119,6 +120,12 @@ def write_report(runs_root: Path, folder: Path) -> Report:
     if figure3(agg, folder / "fig3_joint_vs_alternate.png"):
         figures.append(folder / "fig3_joint_vs_alternate.png")
     parts += [f"![{p.stem}]({p.name})" for p in figures]
+    claims, pair_tables = claim_summaries(col.results)
+    if claims:
+        md = claims_markdown(claims, cost_table(col.results))
+        write_text(folder / "claims.md", md)
+        write_text(folder / "pairs.csv", pairs_csv(pair_tables))
+        parts += ["", md]
     if col.skipped:
         parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
     write_text(folder / "report.md", "\n".join(parts) + "\n")

@@ -72,6 +72,9 @@ def collect(root: Path) -> Collected:
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
         for k in task.metric_names():
             rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False})
+        if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
+            rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
+                         "short": False})
         if run.sharpness_file.is_file():
             try:
                 sharp = read_json(run.sharpness_file)

@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 
 # our method names -> the paper's row labels
-PAPER_METHOD = {"fp": "FP32", "lsq": "LSQ", "squat": "SQuAT", "q8bert": "Q8BERT"}
+PAPER_METHOD = {"fp": "FP32", "lsq": "LSQ", "squat": "SQuAT", "q8bert": "Q8BERT", "gobo": "GOBO", "qbert": "Q-BERT"}
 
 
 @lru_cache(maxsize=1)

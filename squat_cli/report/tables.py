@@ -16,9 +16,16 @@ from squat_cli.glue import PAPER_TASKS, TASKS
 from squat_cli.report.collect import SHARPNESS_KEYS
 from squat_cli.report.paper import paper_value
 
-METHOD_ORDER = ["fp", "ptq", "q8bert", "lsq", "joint", "squat", "fp-sam"]
-METHOD_LABEL = {"fp": "FP32", "ptq": "PTQ", "q8bert": "Q8BERT", "lsq": "LSQ", "joint": "Joint", "squat": "SQuAT",
-                "fp-sam": "FP-SAM"}
+METHOD_ORDER = ["fp", "ptq", "q8bert", "gobo", "qbert", "lsq", "joint", "squat", "fp-sam"]
+METHOD_LABEL = {"fp": "FP32", "ptq": "PTQ", "q8bert": "Q8BERT", "gobo": "GOBO", "qbert": "Q-BERT", "lsq": "LSQ",
+                "joint": "Joint", "squat": "SQuAT", "fp-sam": "FP-SAM"}
+
+
+def method_label(method: str, wbits: int) -> str:
+    """Display name of a table row's method (``qbert-mp3`` at W2: ``Q-BERT MP 2/3``)."""
+    if method.startswith("qbert-mp"):
+        return f"Q-BERT MP {wbits}/{method[len('qbert-mp'):]}"
+    return METHOD_LABEL.get(method, method)
 SHORT_MARK = "†"
 """Marks a sharpness cell holding scores whose ascent stopped inside the ball, followed by their count."""
 AUX_COLUMNS = [("mrpc", "f1", "MRPC F1"), ("stsb", "spearmanr", "STS-B Spearman"), ("qqp", "f1", "QQP F1"),
@@ -53,8 +60,9 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
 def _row_order(keys: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     def sort_key(k):
         method, wbits, abits = k
-        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return (0 if method == "fp" else 1, wbits, abits, rank, method)
+        base = "qbert" if method.startswith("qbert-mp") else method
+        rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        return (0 if method == "fp" else 1, wbits, rank, abits, method)
 
     return sorted(set(keys), key=sort_key)
 
@@ -64,7 +72,7 @@ def _build(agg: pd.DataFrame, table: str, title: str, cells: list[tuple[str, str
     keys = [(m, int(w), int(a)) for m, w, a in agg[["method", "wbits", "abits"]].itertuples(index=False)]
     records = []
     for method, wbits, abits in _row_order(keys):
-        rec = {"method": METHOD_LABEL.get(method, method), "W/A": f"{wbits}/{abits}", "_method": method,
+        rec = {"method": method_label(method, wbits), "W/A": f"{wbits}/{abits}", "_method": method,
                "_wbits": wbits}
         for task, metric, col in cells:
             hit = agg[(agg.method == method) & (agg.wbits == wbits) & (agg.abits == abits) & (agg.task == task)

@@ -10,6 +10,7 @@ method     one step on batch B
 fp         w <- opt_w(grad_w L(w))                          (plain fine-tuning)
 lsq        one pass; w <- opt_w, s <- opt_s from the same gradients
 q8bert     like lsq; Q8BERT's quantizers have no learned steps
+qbert      like lsq; Q-BERT's group-wise ranges are not learned
 joint      pass 1 at Q(w,s): eps; pass 2 at Q(w,s)+eps: w <- opt_w, s <- opt_s
 fp-sam     joint on an unquantized model (plain SAM)
 squat      Algorithm 1. pass 1 at Q(w_t,s_t): eps (s frozen);
@@ -193,7 +194,7 @@ class Strategy:
 
 
 class Plain(Strategy):
-    """fp, lsq and q8bert: one pass, w and s updated together."""
+    """fp, lsq, q8bert and qbert: one pass, w and s updated together."""
 
 
 class JointSam(Strategy):
@@ -300,7 +301,7 @@ class SQuAT(JointSam):
 
 
 def make_strategy(method: str, ctx: StepContext, step_size_grad: str = "fresh") -> Strategy:
-    if method in ("fp", "lsq", "q8bert"):
+    if method in ("fp", "lsq", "q8bert", "qbert"):
         return Plain(ctx)
     if method in ("joint", "fp-sam"):
         return JointSam(ctx)

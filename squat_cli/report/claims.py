@@ -1,0 +1,184 @@
+"""The paper's claims as paired comparisons: per-seed differences, a bootstrap interval and a signed-rank test.
+
+Runs are paired by (task, W/A, seed): two methods with the same seed start
+from the same FP run and see the same data order, so their difference removes
+the FP model's seed-to-seed variation.
+
+- C1: SQuAT minus LSQ, main dev metric, per bit width and pooled.
+- C2: SQuAT minus LSQ, sharpness at each radius (negative: SQuAT flatter),
+  with the difference in starting loss L(W0) beside it; pairs where either
+  ascent stopped inside the ball are left out and counted.
+- C3: joint minus LSQ and joint minus SQuAT, main dev metric.
+- C4: SQuAT minus the FP model of the same seed, main dev metric, at W3 and W4.
+- Cost: mean training time (steps only) per method and bit width, and its
+  ratio to LSQ's on the same tasks.
+
+Interval: percentile bootstrap of the mean difference (10,000 resamples of the
+pairs, fixed seed). Test: two-sided Wilcoxon signed-rank over the pairs
+(scipy), with the count of pairs won and lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from squat_cli.glue import TASKS
+
+BOOTSTRAP = 10_000
+CLAIMS = [
+    ("C1", "squat", "lsq", "main", "SQuAT - LSQ, main dev metric (points)"),
+    ("C3", "joint", "lsq", "main", "joint - LSQ, main dev metric (points)"),
+    ("C3", "joint", "squat", "main", "joint - SQuAT, main dev metric (points)"),
+    ("C4", "squat", "fp", "main", "SQuAT - FP (same seed), main dev metric (points)"),
+]
+SHARP_KEYS = ("ascent/rho=0.01", "ascent/rho=0.05")
+
+
+@dataclass
+class Summary:
+    claim: str
+    comparison: str
+    bits: str
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    wins: int
+    losses: int
+    p: float
+    excluded: int = 0
+
+
+def _main_rows(results: pd.DataFrame) -> pd.DataFrame:
+    main = {t: TASKS[t].main_metric for t in TASKS}
+    return results[results.apply(lambda r: main.get(r["task"]) == r["metric"], axis=1)] if not results.empty \
+        else results
+
+
+def pairs(results: pd.DataFrame, a: str, b: str, metric: str = "main") -> pd.DataFrame:
+    """One row per (task, wbits, seed) holding both methods: value_a, value_b, diff = a - b.
+
+    ``b == "fp"`` pairs each run of ``a`` with the FP run of its seed (whatever its bits).
+    ``metric``: ``main`` (the task's main metric) or a sharpness key (``ascent/rho=0.05``).
+    """
+    if results.empty:
+        return pd.DataFrame(columns=["task", "wbits", "seed", "value_a", "value_b", "diff", "short", "loss0_diff"])
+    df = _main_rows(results) if metric == "main" else results[results.metric == f"sharpness:{metric}"]
+    cols = ["task", "wbits", "seed", "value", "loss0", "short"]
+    left = df[df.method == a][cols].rename(columns={"value": "value_a", "loss0": "loss0_a", "short": "short_a"})
+    right = df[df.method == b][cols].rename(columns={"value": "value_b", "loss0": "loss0_b", "short": "short_b"})
+    if b == "fp":
+        right = right.drop(columns="wbits")
+        merged = left.merge(right, on=["task", "seed"])
+    else:
+        merged = left.merge(right, on=["task", "wbits", "seed"])
+    merged["diff"] = merged["value_a"] - merged["value_b"]
+    merged["short"] = merged["short_a"].fillna(False).astype(bool) | merged["short_b"].fillna(False).astype(bool)
+    merged["loss0_diff"] = pd.to_numeric(merged["loss0_a"], errors="coerce") - pd.to_numeric(merged["loss0_b"],
+                                                                                             errors="coerce")
+    out = merged[["task", "wbits", "seed", "value_a", "value_b", "diff", "short", "loss0_diff"]]
+    return out.sort_values(["wbits", "task", "seed"]).reset_index(drop=True)
+
+
+def bootstrap_ci(diffs: np.ndarray, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    if len(diffs) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = rng.choice(diffs, size=(BOOTSTRAP, len(diffs)), replace=True).mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def wilcoxon_p(diffs: np.ndarray) -> float:
+    from scipy.stats import wilcoxon
+
+    nz = diffs[diffs != 0]
+    if len(nz) < 2:
+        return float("nan")
+    return float(wilcoxon(nz).pvalue)
+
+
+def summarize(claim: str, comparison: str, df: pd.DataFrame) -> list[Summary]:
+    """One row per bit width, and one pooled over all of them (when there are several)."""
+    if df.empty:
+        return []
+    groups = [(f"W{b}", df[df.wbits == b]) for b in sorted(df.wbits.unique())]
+    if len(groups) > 1:
+        groups.append(("all", df))
+    out = []
+    for label, g in groups:
+        excluded = int(g["short"].sum())
+        d = g[~g["short"]]["diff"].to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(d)
+        out.append(Summary(claim, comparison, label, len(d), float(d.mean()) if len(d) else float("nan"), lo, hi,
+                           int((d > 0).sum()), int((d < 0).sum()), wilcoxon_p(d), excluded))
+    return out
+
+
+def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.DataFrame]]:
+    """Every summary row, and the per-pair tables (keyed by a short name) they come from."""
+    rows: list[Summary] = []
+    tables: dict[str, pd.DataFrame] = {}
+    for claim, a, b, metric, label in CLAIMS:
+        p = pairs(results, a, b, metric)
+        if claim == "C4":
+            p = p[p.wbits.isin([3, 4])]
+        tables[f"{a}-vs-{b}"] = p
+        rows += summarize(claim, label, p)
+    for key in SHARP_KEYS:
+        p = pairs(results, "squat", "lsq", key)
+        tables[f"sharpness-{key.split('=')[1]}"] = p
+        rows += summarize("C2", f"SQuAT - LSQ, sharpness at rho {key.split('=')[1]} (negative: SQuAT flatter)", p)
+    return rows, tables
+
+
+def cost_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean training time (s) per method and W/A, and the ratio to LSQ at the same W/A over the same tasks."""
+    t = results[results.metric == "train_time_s"] if not results.empty else results
+    if t.empty:
+        return pd.DataFrame(columns=["method", "wbits", "abits", "runs", "train_s", "vs_lsq"])
+    g = t.groupby(["method", "wbits", "abits"])["value"].agg(runs="count", train_s="mean").reset_index()
+    ratios = []
+    for r in g.itertuples(index=False):
+        mine = t[(t.method == r.method) & (t.wbits == r.wbits)]
+        lsq = t[(t.method == "lsq") & (t.wbits == r.wbits)]
+        both = mine.merge(lsq, on=["task", "seed"], suffixes=("", "_lsq"))
+        ratios.append(float(both["value"].sum() / both["value_lsq"].sum()) if len(both) else float("nan"))
+    g["vs_lsq"] = ratios
+    return g
+
+
+def _f(v: float, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:+.{digits}f}"
+
+
+def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
+    lines = ["### Paired comparisons (same task, bits and seed)", "",
+             "Mean difference over the pairs, 95% bootstrap interval, pairs won/lost, two-sided Wilcoxon "
+             "signed-rank p. Sharpness pairs whose ascent stopped inside the ball are left out (`excl.`).", "",
+             "| claim | comparison | bits | pairs | mean | 95% interval | won/lost | p | excl. |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        digits = 5 if "sharpness" in r.comparison else 2
+        p = "-" if np.isnan(r.p) else f"{r.p:.3g}"
+        lines.append(f"| {r.claim} | {r.comparison} | {r.bits} | {r.n} | {_f(r.mean, digits)} | "
+                     f"[{_f(r.lo, digits)}, {_f(r.hi, digits)}] | {r.wins}/{r.losses} | {p} | {r.excluded} |")
+    if not cost.empty:
+        lines += ["", "### Cost: training time per run (steps only, this machine)", "",
+                  "| method | W/A | runs | mean train s | vs LSQ (same tasks and seeds) |", "|---|---|---|---|---|"]
+        for r in cost.itertuples(index=False):
+            ratio = "-" if np.isnan(r.vs_lsq) else f"{r.vs_lsq:.2f}x"
+            lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {r.train_s:.0f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def pairs_csv(tables: dict[str, pd.DataFrame]) -> str:
+    frames = [t.assign(comparison=name) for name, t in tables.items() if not t.empty]
+    if not frames:
+        return "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff\n"
+    df = pd.concat(frames)[["comparison", "task", "wbits", "seed", "value_a", "value_b", "diff", "short",
+                            "loss0_diff"]]
+    return df.to_csv(index=False, float_format="%.6g")
