@@ -112,7 +112,8 @@ def finetune(
 @app.command(epilog="Example: squat quantize --task rte --method squat --wbits 2 --abits 8 --rho 0.1")
 def quantize(
     task: Optional[str] = TaskOpt,
-    method: Optional[str] = typer.Option(None, "--method", help="lsq, joint, squat, fp-sam, q8bert, ptq, gobo or qbert (default squat)."),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="lsq, joint, squat, fp-sam, q8bert, ptq, gobo or qbert (default squat)."),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="Weight bits, 2..8 (default 4)."),
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits, 2..32; 32 = not quantized (default 8)."),
     rho: Optional[float] = typer.Option(None, "--rho", help="SAM radius (default: 0.1 for 2/3-bit, 0.15 for 4-bit)."),
