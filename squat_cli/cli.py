@@ -263,7 +263,7 @@ def sweep(
         if grid.settings:
             _write_search(out, reports)
         else:
-            print_report(_run(write_report, out, reports))
+            print_report(_run(write_report, out, reports, grid.sweep.note))
     if res.failed:
         raise typer.Exit(1)
 
@@ -271,6 +271,8 @@ def sweep(
 def print_report(rep) -> None:
     from squat_cli.report.tables import cell_text
 
+    if rep.note:
+        console.print(f"[bold]{rep.note}[/]", highlight=False)
     if rep.header:
         console.print("[bold yellow]This grid differs from the paper's setup:[/]")
         for line in rep.header:

@@ -70,6 +70,8 @@ class SweepSection:
     """Methods whose runs get sharpness scores (``fp`` for the FP runs); None: every run."""
     method_wbits: dict[str, list[int]] = field(default_factory=dict)
     """Weight bit widths for a method instead of ``wbits`` (``{q8bert: [8]}``)."""
+    note: Optional[str] = None
+    """One line printed at the top of the grid's report (e.g. where the full results are)."""
 
 
 @dataclass

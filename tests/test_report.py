@@ -176,3 +176,15 @@ def test_gobo_and_qbert_rows_beside_the_papers(tmp_path):
         pytest.approx(81.0)
     order = list(rep.tables[0].frame["method"])
     assert order.index("GOBO") < order.index("Q-BERT") < order.index("Q-BERT MP 2/3")
+
+
+def test_grid_note_and_speed_options_in_the_header(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "rte", "lsq-w2a8", 1, {"accuracy": 0.6},
+             recipe={"model": {"name_or_path": "bert-base-uncased"}, "train": {"precision": "bf16",
+                                                                                "group_by_length": True}})
+    rep = write_report(root, tmp_path / "rep", note="A miniature: the evidence is in docs/replication/README.md")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.splitlines()[2] == "> A miniature: the evidence is in docs/replication/README.md"
+    assert "bf16 autocast in training (lsq; paper: fp32)" in rep.header
+    assert "batches grouped by length (lsq; paper: random batches)" in rep.header

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv
 from squat_cli.report.collect import Collected, collect
@@ -29,6 +29,7 @@ class Report:
     header: list[str]
     skipped: list[tuple[str, str]]
     figures: list[Path]
+    note: Optional[str] = None
 
 
 def _get(recipe: dict, *keys: str) -> Any:
@@ -89,18 +90,27 @@ def setup_differences(col: Collected) -> list[str]:
     odd = [f"W{b}: {rho}" for b, rho in rhos if rho is not None and paper_rho.get(b) != rho]
     if odd:
         out.append(f"SAM rho: {', '.join(odd)} (paper: 0.1 for W2/W3, 0.15 for W4)")
+    bf16 = sorted({r["method"] for r in col.recipes if _get(r["recipe"], "train", "precision") == "bf16"})
+    if bf16:
+        out.append(f"bf16 autocast in training ({', '.join(bf16)}; paper: fp32)")
+    grouped = sorted({r["method"] for r in col.recipes if _get(r["recipe"], "train", "group_by_length")})
+    if grouped:
+        out.append(f"batches grouped by length ({', '.join(grouped)}; paper: random batches)")
     tasks = sorted({r["task"] for r in col.recipes})
     if len(tasks) < 8:
         out.append(f"tasks: {', '.join(tasks)} only (paper: 8 GLUE tasks)")
     return out
 
 
-def write_report(runs_root: Path, folder: Path) -> Report:
+def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> Report:
+    """The whole report of ``runs_root`` into ``folder``; ``note`` is printed first (a grid's ``sweep.note``)."""
     col = collect(runs_root)
     tables = build_tables(col.results)
     header = setup_differences(col)
     folder.mkdir(parents=True, exist_ok=True)
     parts = ["# squat results", ""]
+    if note:
+        parts += [f"> {note}", ""]
     if header:
         parts += ["**This grid differs from the paper's setup** — do not compare it as a replication:", ""]
         parts += [f"- {line}" for line in header] + [""]
@@ -129,4 +139,4 @@ def write_report(runs_root: Path, folder: Path) -> Report:
     if col.skipped:
         parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
     write_text(folder / "report.md", "\n".join(parts) + "\n")
-    return Report(folder, tables, header, col.skipped, figures)
+    return Report(folder, tables, header, col.skipped, figures, note)
