@@ -48,10 +48,30 @@ class Examples:
 # ---------------------------------------------------------------- sources
 
 
-def resolve_data_dir(data_dir: str | None) -> Optional[Path]:
-    """The local GLUE folder: the option, else ``$SQUAT_DATA_DIR``, else None (use the hub)."""
+EMBEDDED_TASKS = ("stsb",)
+"""Tasks whose train and dev splits ship inside the package (``squat_cli/demo_data``)."""
+_told: set[str] = set()
+
+
+def embedded_data_dir() -> Path:
+    """The GLUE-layout folder packaged with squat (STS-B only)."""
+    return Path(__file__).resolve().parent / "demo_data"
+
+
+def resolve_data_dir(data_dir: str | None, fallback: str = "none", task: Optional[GlueTask] = None) -> Optional[Path]:
+    """The local GLUE folder: the option, else ``$SQUAT_DATA_DIR``, else None (use the hub).
+
+    ``fallback="embedded"``: with neither given and the hub unreachable, the data packaged with
+    squat (``EMBEDDED_TASKS``), announced in one line on stderr.
+    """
     chosen = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if chosen is None:
+        if fallback == "embedded" and task is not None and task.name in EMBEDDED_TASKS and not hub_reachable():
+            if task.name not in _told:
+                _told.add(task.name)
+                print(f"squat: no --data-dir or {DATA_DIR_ENV} and no hub: using the {task.display} data packaged "
+                      "with squat (squat_cli/demo_data, CC BY-SA 4.0 scores)", file=sys.stderr, flush=True)
+            return embedded_data_dir()
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():

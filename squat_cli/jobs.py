@@ -56,7 +56,7 @@ def load_task_data(recipe: Recipe, tokenizer, need_train: bool = True) -> TaskDa
     """Read, subset and tokenise the task's train and dev splits (errors before any run folder exists)."""
     task = get_task(recipe.data.task)
     d = recipe.data
-    data_dir = resolve_data_dir(d.data_dir)
+    data_dir = resolve_data_dir(d.data_dir, d.fallback, task)
     dev_raw = {s: subset(load_split(task, s, data_dir, d.source), d.eval_subset, None) for s in task.dev_splits}
     train_raw = subset(load_split(task, "train", data_dir, d.source), d.train_subset, recipe.train.seed) if need_train else None
     enc = lambda ex: encode(ex, tokenizer, d.max_seq_length, task.is_regression)  # noqa: E731
@@ -302,7 +302,7 @@ def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, rep
 
     model, tokenizer, recipe, task = load_run_model(run)
     d = recipe.data
-    source_dir = resolve_data_dir(data_dir or d.data_dir)
+    source_dir = resolve_data_dir(data_dir or d.data_dir, d.fallback, task)
     split = settings.split if settings.split == "train" else task.dev_splits[0]
     ex = subset(load_split(task, split, source_dir, d.source), settings.examples, settings.seed)
     enc = encode(ex, tokenizer, d.max_seq_length, task.is_regression)

@@ -44,6 +44,8 @@ class DataConfig:
     data_dir: Optional[str] = None
     """Folder in GLUE's original layout; falls back to ``$SQUAT_DATA_DIR``, then the hub."""
     source: Literal["auto", "local", "hub"] = "auto"
+    fallback: Literal["none", "embedded"] = "none"
+    """``embedded``: with no data folder and no reachable hub, use the data packaged with squat (STS-B)."""
     max_seq_length: int = 128
     train_subset: Optional[int] = None
     """Use only the first N training examples (after a seeded shuffle)."""

@@ -190,3 +190,27 @@ def test_encode_cache_and_dynamic_padding(glue_dir, minilm_dir, tmp_path, monkey
     assert batch["input_ids"].shape == (4, longest)
     assert batch["attention_mask"].sum(1).tolist() == [len(ds[i]["input_ids"]) for i in range(4)]
     assert batch["labels"].tolist() == ex.label[:4]
+
+
+def test_embedded_stsb_when_no_folder_and_no_hub(glue_dir, monkeypatch, capsys):
+    """data.fallback=embedded: no --data-dir, no SQUAT_DATA_DIR, no hub -> the STS-B packaged with squat,
+    announced in one line; the same rows as GLUE's files. Without the fallback: the hub error as before."""
+    import squat_cli.data as D
+
+    monkeypatch.delenv("SQUAT_DATA_DIR", raising=False)
+    monkeypatch.setattr(D, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(D, "_told", set())
+    stsb = get_task("stsb")
+    path = D.resolve_data_dir(None, "embedded", stsb)
+    assert path == D.embedded_data_dir()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "using the STS-B data packaged with squat" in err[0]
+    for split, n in (("train", 5749), ("dev", 1500)):
+        ours, glue = load_split(stsb, split, path), load_split(stsb, split, glue_dir)
+        assert len(ours) == n and ours.fingerprint == glue.fingerprint and ours.label == glue.label
+    assert D.resolve_data_dir(None, "none", stsb) is None  # no fallback: the hub is tried (and fails clearly)
+    assert D.resolve_data_dir(None, "embedded", get_task("rte")) is None  # only STS-B is packaged
+    D.resolve_data_dir(None, "embedded", stsb)
+    assert capsys.readouterr().err == ""  # said once
+    monkeypatch.setenv("SQUAT_DATA_DIR", str(glue_dir))
+    assert D.resolve_data_dir(None, "embedded", stsb) == glue_dir  # a given folder always wins
