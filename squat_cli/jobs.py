@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from squat_cli.data import Encoded, encode, eval_loader, load_split, resolve_data_dir, subset, train_loader
 from squat_cli.errors import DivergenceError, RunError, SquatError
@@ -23,7 +22,7 @@ from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.gobo import gobo_outlier_shares
 from squat_cli.quant.qlinear import is_quantizer_key
-from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, recipe_from_dict
+from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, read_yaml, recipe_from_dict
 from squat_cli.runs import (
     RunDir,
     atomic_dir,
@@ -258,10 +257,9 @@ def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
         raise RunError(f"{run.path} is not a complete run (no metrics.json)")
     if not (run.model_dir / "config.json").is_file():
         raise RunError(f"{run.path} has no saved model (model/)")
-    try:
-        raw = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        raise RunError(f"{run.recipe_file}: missing or not valid YAML") from None
+    if not run.recipe_file.is_file():
+        raise RunError(f"{run.recipe_file}: missing")
+    raw = read_yaml(run.recipe_file)
     recipe = recipe_from_dict(raw)
     task = get_task(recipe.data.task)
     tokenizer = load_tokenizer(str(run.model_dir))

@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,12 @@ import yaml
 
 from squat_cli.errors import RecipeError
 
+MAX_INT = 2**53
+"""Largest integer a recipe value may hold (what a float represents exactly)."""
+MAX_SEED = 2**32 - 1
+"""numpy's seeding takes 32-bit seeds."""
+MAX_YAML_NODES = 100_000
+"""Bound on a recipe's size once YAML aliases are expanded (an alias bomb stops here)."""
 METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert")
 WEIGHT_ONLY_METHODS = ("fp-sam", "gobo")
 """Methods whose activations stay FP32 (their variant is always ``a32``)."""
@@ -232,6 +239,8 @@ class Recipe:
         _positive("train.eval_steps", t.eval_steps, allow_zero=False)
         _positive("train.log_every", t.log_every, allow_zero=False)
         _positive("train.seed", t.seed)
+        if t.seed > MAX_SEED:
+            raise RecipeError(f"train.seed: {t.seed} is too large (at most {MAX_SEED})")
         q = self.quant
         if self.sam.rho is None:
             self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
@@ -297,10 +306,16 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return the converted value."""
     origin = typing.get_origin(tp)
-    bad = RecipeError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+    bad = RecipeError(f"{key}: {_short(value)} is not valid; expected {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -341,10 +356,14 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if abs(value) > MAX_INT:
+            raise RecipeError(f"{key}: {_short(value)} is out of range (at most {MAX_INT} in size)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(float(value)):
+            raise RecipeError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -360,7 +379,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise RecipeError(f"{full}: unknown key; allowed: {', '.join(names)}")
+            shown = full if len(full) <= 80 else full[:77] + "..."
+            raise RecipeError(f"{shown}: unknown key; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(full, hints[key], value)
     return cls(**kwargs)
 
@@ -380,13 +400,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise RecipeError(f"--set {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = safe_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
+    except RecipeError as exc:
+        if "too large" in str(exc) or "too deeply" in str(exc):
+            raise
         value = raw
     # YAML reads 1e-5 as a string (no dot in mantissa); accept it as a number.
     if isinstance(value, str):
         try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
+            number = value.strip().lower().lstrip("+-")
+            value = float(value) if any(c in value for c in ".eE") or number in ("inf", "nan") else int(value)
         except ValueError:
             pass
     return parts, value
@@ -423,12 +446,46 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return safe_yaml(text, f"recipe {path}") or {}
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with a bound on the expanded size: aliases may not multiply the document past
+    ``MAX_YAML_NODES`` nodes (the "billion laughs" alias bomb)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            size = _expanded_size(node, {})
+            if size > MAX_YAML_NODES:
+                raise RecipeError(f"{what}: too large once its YAML aliases are expanded (over {MAX_YAML_NODES} "
+                                  "nodes)")
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"recipe {path}: not valid YAML{where}") from None
-    return data or {}
+        raise RecipeError(f"{what}: not valid YAML{where}") from None
+    except RecursionError:
+        raise RecipeError(f"{what}: nested too deeply") from None
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in the document with every alias expanded (memoised: linear in the composed graph)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle counts as too large
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
 
 
 # The paper's QAT setup (Appendix B), under any recipe given to ``squat quantize``.

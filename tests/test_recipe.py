@@ -112,3 +112,51 @@ def test_dump_roundtrip():
     r = load_recipe(overrides={"quant.wbits": 3})
     again = recipe_from_dict(yaml.safe_load(r.dump()))
     assert again == r
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["train.lr=.nan"], "train.lr: nan is not a finite number"),
+    (["train.epochs=inf"], "train.epochs: inf is not a finite number"),
+    (["sam.rho=nan"], "sam.rho: nan is not a finite number"),
+    (["train.seed=1099511627776"], "train.seed: 1099511627776 is too large (at most 4294967295)"),
+    (["train.max_steps=1e300"], "train.max_steps: 1e+300 is not valid; expected an integer"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(sets, message):
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(sets=sets)
+    assert str(exc.value) == message
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, "
+              f"*a{i-1}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("train:\n  lr: 1.0e-5\n" + "\n".join(lines) + "\n")  # 10^9 nodes once expanded
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError, match="too large once its YAML aliases are expanded"):
+        load_recipe(p)
+    assert time.perf_counter() - t0 < 5
+    nested = tmp_path / "deep.yaml"  # a value nested inside a valid key: the same bound
+    nested.write_text("train:\n  lr: &x [" + ", ".join(["1"] * 1000) + "]\n  eval_steps: [*x, *x, *x, *x, *x, *x, *x, "
+                      "*x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, "
+                      "*x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, "
+                      "*x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, "
+                      "*x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, *x, "
+                      "*x, *x]\n")
+    with pytest.raises(RecipeError, match="too large"):
+        load_recipe(nested)
+
+
+def test_errors_stay_short_and_non_utf8_recipes_are_refused(tmp_path):
+    p = tmp_path / "long.yaml"
+    p.write_text("train:\n  lr: [" + ", ".join(["1"] * 20000) + "]\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(p)
+    assert len(str(exc.value)) < 200 and "train.lr:" in str(exc.value)
+    u16 = tmp_path / "u16.yaml"
+    u16.write_bytes("train:\n  lr: 1.0e-5\n".encode("utf-16"))
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
+        load_recipe(u16)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
+from squat_cli.recipe import read_yaml
 from squat_cli.runs import discover, parse_variant, read_json
 from squat_cli.sharpness import reached_edge
 
@@ -84,8 +84,8 @@ def collect(root: Path) -> Collected:
             except (SquatError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append((str(run.sharpness_file), "unreadable sharpness.json (metrics still used)"))
         try:
-            recipes.append({**base, "recipe": yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}})
-        except (OSError, yaml.YAMLError):
+            recipes.append({**base, "recipe": read_yaml(run.recipe_file)})
+        except SquatError:
             recipes.append({**base, "recipe": {}})
     cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0", "short"]
     return Collected(pd.DataFrame(rows, columns=cols), recipes, skipped)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
+from squat_cli.recipe import read_yaml
 from squat_cli.runs import discover, read_json, write_text
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),
@@ -26,8 +26,8 @@ COLUMNS = ["setting", "task", "variant", "seed", "status", "metric", "value", "e
 
 def _recipe(run) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(run.recipe_file)
+    except SquatError:
         return {}
     return data if isinstance(data, dict) else {}
 
