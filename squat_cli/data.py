@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -85,7 +86,10 @@ def read_tsv(task: GlueTask, path: Path) -> Examples:
         raise DataError(f"{path} not found: the {task.display} folder needs {path.name} (GLUE's original layout)")
     raw = path.read_bytes()
     lay = task.tsv
-    text = raw.decode("utf-8-sig")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); GLUE's files are UTF-8") from None
     rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
     if lay.header:
         try:
@@ -119,12 +123,16 @@ def read_tsv(task: GlueTask, path: Path) -> Examples:
         value = row[cols["label"]].strip()
         if task.is_regression:
             try:
-                labels.append(float(value))
+                score = float(value)
             except ValueError:
-                raise DataError(f"{path}:{lineno}: label {value!r} is not a number") from None
+                raise DataError(f"{path}:{lineno}: label {value[:40]!r} is not a number") from None
+            lo, hi = task.score_range or (-math.inf, math.inf)
+            if not (math.isfinite(score) and lo <= score <= hi):
+                raise DataError(f"{path}:{lineno}: label {value[:40]!r} is outside {task.display}'s range {lo:g} to {hi:g}")
+            labels.append(score)
         else:
             if value not in index:
-                raise DataError(f"{path}:{lineno}: label {value!r} is not one of {', '.join(task.labels)}")
+                raise DataError(f"{path}:{lineno}: label {value[:40]!r} is not one of {', '.join(task.labels)}")
             labels.append(index[value])
         text_a.append(row[cols["text_a"]])
         if "text_b" in cols:

@@ -47,6 +47,8 @@ class GlueTask:
     aux_metrics: tuple[str, ...]
     tsv: TsvLayout
     display: str
+    score_range: Optional[tuple[float, float]] = None
+    """Regression only: the range every gold score lies in (STS-B: 0 to 5)."""
 
     @property
     def is_regression(self) -> bool:
@@ -84,7 +86,7 @@ TASKS: dict[str, GlueTask] = {
         GlueTask(
             "stsb", "STS-B", "stsb", "sentence1", "sentence2", None,
             ("dev",), ("validation",), "pearson", ("spearmanr",),
-            TsvLayout(header=True, text_a="sentence1", text_b="sentence2", label="score"), "STS-B",
+            TsvLayout(header=True, text_a="sentence1", text_b="sentence2", label="score"), "STS-B", (0.0, 5.0),
         ),
         GlueTask(
             "qqp", "QQP", "qqp", "question1", "question2", ("0", "1"),

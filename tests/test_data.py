@@ -110,6 +110,26 @@ def test_malformed_row_and_label(tmp_path):
         load_split(task, "train", tmp_path)
 
 
+@pytest.mark.parametrize("score,message", [("nan", "is outside STS-B's range 0 to 5"), ("inf", "is outside STS-B's range"),
+                                           ("1e30", "is outside STS-B's range"), ("-0.5", "is outside STS-B's range"),
+                                           ("high", "is not a number")])
+def test_stsb_scores_are_validated(tmp_path, score, message):
+    f = tmp_path / "dev.tsv"
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    f.write_text(head + "0\tg\tf\t2012\t1\ts\ts\ta b\tc d\t4.2\n" + f"1\tg\tf\t2012\t2\ts\ts\ta\tb\t{score}\n")
+    with pytest.raises(DataError, match=rf"dev.tsv:3: label '{score}' {message}"):
+        read_tsv(get_task("stsb"), f)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1", "binary"])
+def test_non_utf8_tsv_is_one_clear_error(tmp_path, encoding):
+    f = tmp_path / "dev.tsv"
+    text = "index\tsentence1\tsentence2\tlabel\n0\tcaf\u00e9 \u00e0\tb\tentailment\n"
+    f.write_bytes(bytes(range(256)) * 4 if encoding == "binary" else text.encode(encoding))
+    with pytest.raises(DataError, match=r"dev.tsv: not UTF-8 text \(byte \d+\); GLUE's files are UTF-8"):
+        read_tsv(get_task("rte"), f)
+
+
 def _hub_like(task, local):
     """What ``datasets.load_dataset('nyu-mll/glue', cfg)`` returns for these rows (hub column names)."""
     import datasets
