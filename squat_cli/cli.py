@@ -29,7 +29,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"squat {version('squat')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+            console.print("squat (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Low-bit BERT that keeps its accuracy."""
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe; options below override it.")
 SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set train.lr=1e-5 (repeatable).")
@@ -188,12 +206,21 @@ def sharpness(
     table = Table(title=f"sharpness ({settings.key()})")
     for col in ("run", "score", "L(W0)", "L(W_T)", "||delta_T||"):
         table.add_column(col, justify="right" if col != "run" else "left")
+    damaged = []
     for r in todo:
-        e = _run(jobs.measure_sharpness, r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+        try:
+            e = jobs.measure_sharpness(r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+        except SquatError as exc:
+            if run is not None:  # the one run asked for
+                _fail(str(exc))
+            damaged.append((r, str(exc)))
+            continue
         short = "" if e.get("reached_edge") in (True, None) else " (inside the ball)"
         table.add_row(f"{r.task}/{r.variant}/seed{r.seed}", f"{e['score']:.5f}", f"{e['loss0']:.4f}",
                       f"{e['loss_final']:.4f}", f"{e['delta_norm']:.4g}{short}")
     console.print(table)
+    for r, why in damaged:  # as the report does: list them, measure the rest
+        err_console.print(f"skipped {r.path}: {why}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: squat report --out runs --reports reports")

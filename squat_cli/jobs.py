@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from squat_cli.data import Encoded, encode, eval_loader, load_split, resolve_data_dir, subset, train_loader
-from squat_cli.errors import DivergenceError, RunError, SquatError
+from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.mixed_precision import assign_mixed_bits
 from squat_cli.models import load_model, load_tokenizer, save_model
@@ -237,6 +237,9 @@ def quantize(
     if q.mixed_bits():  # Q-BERT: the FP model's Hessian decides which layers get the higher bit width
         bits, method_info = assign_mixed_bits(model, q, data.train, recipe.train.seed, tokenizer.pad_token_id)
     names = quantize_model(model, q, bits=bits)
+    if not names and q.method != "fp-sam":
+        raise RecipeError(f"quant.include {q.include} (minus quant.exclude) matches no linear layer of this model: "
+                          "nothing would be quantized")
     if q.method == "gobo":
         method_info["gobo_outlier_share"] = gobo_outlier_shares(model)
     model.to(acc.device)
@@ -284,6 +287,8 @@ def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: b
         if not run.is_complete():
             raise RunError(f"{run.path} is not a complete run (no metrics.json)")
         return [run]
+    if not Path(runs_root).is_dir():
+        raise RunError(f"runs folder {runs_root} does not exist")
     todo = []
     for run in discover(runs_root):
         if not run.is_complete() or not (run.model_dir / "config.json").is_file():

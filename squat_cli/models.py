@@ -63,16 +63,34 @@ def _check_source(name: str) -> bool:
     return False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "spm.model", "tokenizer.model")
+"""A local model folder needs at least one of these to have a real tokenizer."""
+MIN_VOCAB = 100
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     quiet_transformers()
     name = resolve_model_path(name_or_path)
     local = _check_source(name)
+    if local and not any((Path(name).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our one-line errors come first, not transformers' warnings
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local)
     except Exception as exc:
         raise ModelError(f"could not load a tokenizer from {name!r}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if len(tok) < MIN_VOCAB:
+        raise ModelError(f"the tokenizer of {name!r} has only {len(tok)} tokens: its vocabulary files are missing or "
+                         "broken")
+    return tok
 
 
 def load_model(name_or_path: str, task: GlueTask, trust_remote_code: bool = False) -> torch.nn.Module:

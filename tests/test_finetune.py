@@ -121,3 +121,24 @@ def test_help_shows_examples():
     for cmd in ("finetune", "quantize"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and f"Example: squat {cmd}" in res.output
+
+
+def test_model_folder_without_tokenizer_is_refused(tmp_path, glue_dir, tiny_bert):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert / f, bare / f)
+    res = runner.invoke(app, ["finetune", "--task", "rte", "--model", str(bare), "--data-dir", str(glue_dir),
+                              "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and "has no tokenizer files" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_version_and_short_help():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("squat ")
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    res = runner.invoke(app, ["sharpness", "-h"])
+    assert res.exit_code == 0 and "--rho" in res.output

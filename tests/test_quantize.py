@@ -197,3 +197,32 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_include_matching_nothing_is_refused(runs, glue_dir):
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    for method in ("squat", "lsq"):
+        res = _quantize(runs, glue_dir, "--method", method, "--wbits", "3", "--set", "quant.include=[nothing.*]")
+        assert res.exit_code == 2, res.output
+        assert "matches no linear layer of this model" in res.output and "Traceback" not in res.output
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before
+
+
+def test_sharpness_skips_and_lists_a_damaged_run(runs, glue_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(runs / "rte" / "fp", root / "rte" / "fp")
+    good = root / "rte" / "fp" / "seed42"
+    bad = root / "rte" / "fp" / "seed7"
+    shutil.copytree(good, bad)
+    (bad / "recipe.yaml").write_text("train: [unclosed\n")
+    for f in ("sharpness.json",):
+        (good / f).unlink(missing_ok=True)
+    res = runner.invoke(app, ["sharpness", "--rho", "0.05", "--out", str(root), "--steps", "1", "--examples", "8",
+                              "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    assert f"skipped {bad}" in res.output and "not valid YAML" in res.output
+    assert "ascent/rho=0.05" in json.loads((good / "sharpness.json").read_text())
+    res = runner.invoke(app, ["sharpness", "--rho", "0.05", "--out", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output
