@@ -73,6 +73,9 @@ def _run(fn, *args, **kwargs) -> Any:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    except OSError as exc:  # disk full, permissions, a file where a folder should be
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or type(exc).__name__}")
 
 
 def _summary(title: str, metrics: dict, run_path: Path, skipped: bool) -> None:

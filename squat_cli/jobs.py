@@ -27,13 +27,14 @@ from squat_cli.runs import (
     RunDir,
     atomic_dir,
     discover,
+    ensure_writable,
     environment,
     parse_variant,
     variant_name,
     write_json,
     write_text,
 )
-from squat_cli.train.checkpoint import checkpoint_step
+from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint
 from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
 
 
@@ -65,6 +66,8 @@ def load_task_data(recipe: Recipe, tokenizer, need_train: bool = True) -> TaskDa
 
 def _prepare_run(run: RunDir, recipe: Recipe, force: bool, resume: bool) -> tuple[Optional[JobResult], bool]:
     """(result if already finished, whether to resume from the run's checkpoint). Raises if unclear."""
+    recover_checkpoint(run.checkpoint_dir)
+    run.recover()
     if run.is_complete() and not force:
         return JobResult(run, run.metrics(), skipped=True), False
     ckpt = run.checkpoint_dir / "manifest.json"
@@ -84,8 +87,7 @@ def _start_run_folder(run: RunDir, recipe: Recipe, device: str, extra: dict, res
     if resuming:
         run.failed_file.unlink(missing_ok=True)
         return
-    if run.path.exists():
-        shutil.rmtree(run.path)
+    run.set_aside()  # a finished run (--force) is kept aside until the new one completes
     run.path.mkdir(parents=True)
     write_text(run.recipe_file, recipe.dump())
     write_json(run.path / "environment.json", environment(device, extra))
@@ -94,6 +96,8 @@ def _start_run_folder(run: RunDir, recipe: Recipe, device: str, extra: dict, res
 def _finish(run: RunDir, metrics: dict) -> None:
     write_json(run.metrics_file, metrics)
     shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only needed to resume an unfinished run
+    run.drop_previous()
+    run.recover()
 
 
 def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dict) -> dict:
@@ -117,7 +121,10 @@ def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dic
 
 
 def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
-    """A diverged run is kept and marked failed; any other failure before a checkpoint leaves no folder."""
+    """A diverged run is kept and marked failed; any other failure before a checkpoint leaves no folder.
+    A finished run that a forced rerun replaces comes back whenever the rerun does not complete."""
+    if run.restore_previous():
+        return
     if isinstance(exc, DivergenceError) and run.path.exists():
         write_json(run.failed_file, {"error": str(exc)})
         return
@@ -183,6 +190,7 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
     recipe.quant = None  # nothing is quantized here; recipe.yaml records exactly what ran
     task = get_task(recipe.data.task)
     run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
+    ensure_writable(runs_root)
     done, resuming = _prepare_run(run, recipe, force, resume)
     if done:
         return done
@@ -224,6 +232,7 @@ def quantize(
     variant = variant_name(*q.variant_parts())
     run = RunDir.for_run(runs_root, task.name, variant, recipe.train.seed)
     src = source_run(runs_root, task, recipe.train.seed, from_path)
+    ensure_writable(runs_root)
     recipe.model.name_or_path = src.metrics().get("model", recipe.model.name_or_path)
     done, resuming = _prepare_run(run, recipe, force, resume)
     if done:

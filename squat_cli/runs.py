@@ -67,6 +67,42 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         raise
 
 
+def ensure_writable(root: Path | str) -> None:
+    """Check, before any model or data loads and without creating anything, that ``root`` can hold runs:
+    no part of it is a file, no name is too long, and its nearest existing folder is writable."""
+    root = Path(root).expanduser().absolute()
+
+    def fail(why: str) -> None:
+        raise RunError(f"cannot write to {root}: {why}")
+
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except OSError:  # e.g. a name too long to look up
+            return False
+
+    existing = root
+    while not exists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{existing} is a file, not a folder")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if any(len(part.encode()) > name_max for part in root.relative_to(existing).parts):
+        fail(f"a folder name is longer than {name_max} bytes")
+    if existing == root:
+        try:
+            probe = root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            fail(exc.strerror or type(exc).__name__)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{existing} is not writable")
+
+
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -158,6 +194,44 @@ class RunDir:
     @property
     def failed_file(self) -> Path:
         return self.path / "FAILED.json"
+
+    # replacing a finished run (--force) ----------------------------------
+    def _previous(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f".{self.path.name}.previous-*"))
+
+    def set_aside(self) -> None:
+        """Before a forced rerun: move a finished run out of the way (kept until the new one completes)."""
+        if self.path.exists() and self.is_complete() and not self._previous():
+            os.replace(self.path, self.path.with_name(f".{self.path.name}.previous-{os.getpid()}"))
+        elif self.path.exists():
+            shutil.rmtree(self.path)
+
+    def restore_previous(self) -> bool:
+        """The new run failed or was interrupted: put the finished run set aside back. True if there was one."""
+        prev = self._previous()
+        if not prev:
+            return False
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(prev[-1], self.path)
+        return True
+
+    def drop_previous(self) -> None:
+        """The new run completed: the one it replaces goes."""
+        for p in self._previous():
+            shutil.rmtree(p, ignore_errors=True)
+
+    def recover(self) -> None:
+        """Before a run starts again: a finished run left aside by a killed forced rerun comes back (unless the
+        rerun can resume from a checkpoint), and stale temporary folders of killed writes are removed."""
+        if self._previous() and not self.is_complete() and not (self.checkpoint_dir / "manifest.json").is_file():
+            self.restore_previous()
+        if self.path.is_dir():
+            for stale in [*self.path.glob(".*.tmp-*"), *self.path.glob(".*.old-*")]:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     # state ----------------------------------------------------------------
     def is_complete(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -153,3 +154,28 @@ def checkpoint_step(folder: Path) -> Optional[int]:
         return int(json.loads((folder / "state.json").read_text(encoding="utf-8"))["loop"]["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        if not (folder / "manifest.json").is_file():
+            return False
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        return all((folder / f).is_file() and _sha256(folder / f) == manifest.get(f) for f in FILES)
+    except (OSError, ValueError):
+        return False
+
+
+def recover_checkpoint(folder: Path) -> Optional[Path]:
+    """After a crash during a checkpoint write: if ``folder`` is missing (killed between the two renames),
+    the newest complete one of its siblings (the new copy first, then the old one) becomes ``folder``.
+    Returns what was recovered, or None. Incomplete leftovers are left for ``RunDir.recover`` to remove."""
+    if folder.exists():
+        return None
+    parent = folder.parent
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
+        for cand in sorted(parent.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True):
+            if _complete(cand):
+                os.replace(cand, folder)
+                return folder
+    return None
