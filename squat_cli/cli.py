@@ -287,6 +287,9 @@ def sweep(
                   f"{len(res.failed)} failed, {len(res.busy)} running elsewhere")
     for job_id, why in res.failed:
         err_console.print(f"failed {job_id}: {why}", highlight=False)
+    if res.warnings:
+        err_console.print(f"{len(res.warnings)} finished run(s) were made with another recipe (listed above)",
+                          highlight=False)
     if not no_report and out.is_dir():
         from squat_cli.report.build import write_report
 

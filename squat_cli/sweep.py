@@ -300,6 +300,35 @@ class SweepOutcome:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _job_recipe(grid: Grid, job: Job, data_dir: Optional[str]) -> Recipe:
+    if job.kind == "fp":
+        return grid.fp_recipe(job.task, job.seed, data_dir)
+    return grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir, job.setting)
+
+
+def recipe_difference(run: RunDir, expected: Recipe) -> Optional[str]:
+    """The first recipe key where a finished run differs from what the grid would run now (None: the same).
+    Both sides are compared with defaults filled in, so fields added later with their old behaviour match."""
+    try:
+        stored = recipe_from_dict(read_yaml(run.recipe_file)).validate().to_dict()
+    except SquatError:
+        return "its recipe.yaml is unreadable"
+    want = copy.deepcopy(expected).to_dict()
+    if want.get("quant") is None:  # FP runs record no quant section
+        want.pop("quant", None)
+    for section in sorted(set(stored) | set(want)):
+        a, b = stored.get(section) or {}, want.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if key == "data_dir":  # where the same data was read from does not change the run
+                continue
+            if section == "model" and key == "name_or_path" and want.get("quant") is not None:
+                continue  # a quantized run takes its model from the FP run it starts from
+            if a.get(key) != b.get(key):
+                return f"{section}.{key}: {a.get(key)!r} here, {b.get(key)!r} in the grid"
+    return None
 
 
 def run_sweep(
@@ -320,6 +349,13 @@ def run_sweep(
         status = job_status(job, job_root, grid.sharpness.method)
         if status == "done":
             out.skipped.append(job.id)
+            if job.kind != "sharpness":
+                differs = recipe_difference(RunDir.for_run(job_root, job.task, job.variant, job.seed),
+                                            _job_recipe(grid, job, data_dir))
+                if differs:
+                    out.warnings.append(f"{job.id}: finished with another recipe ({differs}); counted as done, "
+                                        "not rerun")
+                    log(f"warning: {out.warnings[-1]}")
             continue
         if status == "failed" and not retry_failed:
             out.failed.append((job.id, "failed earlier (FAILED.json); rerun with --retry-failed"))

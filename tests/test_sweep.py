@@ -196,3 +196,32 @@ def test_sharpness_only_for_the_methods_asked(tmp_path):
     p.write_text("sweep:\n  tasks: [rte]\nsharpness:\n  split: test\n")
     with pytest.raises(RecipeError, match="sharpness.split: 'test' is not one of train, dev"):
         load_grid(p)
+
+
+def test_a_finished_run_with_another_recipe_is_reported(tmp_path, tiny_bert, glue_dir):
+    from squat_cli.sweep import recipe_difference, run_sweep
+
+    path = _tiny_grid(tmp_path, tiny_bert, glue_dir)
+    data = yaml.safe_load(path.read_text())
+    data["sweep"].update(methods=[], seeds=[1], sharpness_rhos=[])
+    path.write_text(yaml.safe_dump(data))
+    grid = load_grid(path)
+    run = tmp_path / "runs" / "rte" / "fp" / "seed1"
+    run.mkdir(parents=True)
+    rec = grid.fp_recipe("rte", 1)
+    (run / "metrics.json").write_text("{}")
+    (run / "recipe.yaml").write_text(rec.dump())
+    from squat_cli.runs import RunDir
+
+    assert recipe_difference(RunDir(run), rec) is None
+    other = yaml.safe_load(rec.dump())
+    other["train"]["lr"] = 1.0
+    del other["sam"]  # a field missing from an older recipe.yaml counts as its default
+    (run / "recipe.yaml").write_text(yaml.safe_dump(other))
+    assert recipe_difference(RunDir(run), rec) == "train.lr: 1.0 here, 2e-05 in the grid"
+    logged = []
+    out = run_sweep(grid, tmp_path / "runs", plan(grid), log=logged.append)
+    assert out.skipped == ["rte/fp/seed1"] and out.ran == []
+    assert out.warnings == ["rte/fp/seed1: finished with another recipe (train.lr: 1.0 here, 2e-05 in the grid); "
+                            "counted as done, not rerun"]
+    assert logged == [f"warning: {out.warnings[0]}"]
