@@ -196,7 +196,7 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
         return done
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data = load_task_data(recipe, tokenizer)
-    acc = make_accelerator(recipe.train.precision)
+    acc = make_accelerator(recipe.train.precision, report_to=recipe.train.report_to, log_dir=run.path / "tensorboard")
     seed_everything(recipe.train.seed)
     model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
     extra = {"method": "fp", "wbits": 32, "abits": 32, "seed": recipe.train.seed, "model": recipe.model.name_or_path}
@@ -239,7 +239,7 @@ def quantize(
         return done
     tokenizer = load_tokenizer(str(src.model_dir))
     data = load_task_data(recipe, tokenizer)
-    acc = make_accelerator(recipe.train.precision)
+    acc = make_accelerator(recipe.train.precision, report_to=recipe.train.report_to, log_dir=run.path / "tensorboard")
     seed_everything(recipe.train.seed)
     model = load_model(str(src.model_dir), task)
     bits, method_info = None, {}

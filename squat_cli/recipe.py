@@ -97,6 +97,10 @@ class TrainConfig:
     training step's dropout; runs are not bit-identical to ``nn.Dropout`` ones.
     No effect on other devices."""
     save_model: bool = True
+    report_to: Literal["none", "tensorboard"] = "none"
+    """Experiment tracking through accelerate: ``tensorboard`` writes event files to ``<run>/tensorboard/``
+    (loss, learning rate, SAM's gradient norm, mean step sizes, every evaluation); needs ``pip install tensorboard``
+    (the ``track`` extra)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from squat_cli.data import Encoded, eval_loader, train_loader
+from squat_cli.errors import SquatError
 from squat_cli.glue import GlueTask
 from squat_cli.metrics import task_metrics
 from squat_cli.progress import Reporter
@@ -28,10 +29,13 @@ from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
 from squat_cli.train.checkpoint import load_checkpoint, save_checkpoint
 from squat_cli.train.fast_dropout import use_fast_dropout
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy
+from squat_cli.train.tracking import Tracking
 
 
-def make_accelerator(precision: str = "fp32", cpu: bool = False):
-    """An ``accelerate.Accelerator``: CUDA when present, bf16 autocast when asked."""
+def make_accelerator(precision: str = "fp32", cpu: bool = False, report_to: str = "none",
+                     log_dir: Optional[Path] = None):
+    """An ``accelerate.Accelerator``: CUDA when present, bf16 autocast when asked, a tracker writing into
+    ``log_dir`` when ``report_to`` names one."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, PartialState
 
@@ -42,7 +46,16 @@ def make_accelerator(precision: str = "fp32", cpu: bool = False):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # without CUDA, say cpu=True: that is what makes accelerate use gloo under torchrun / accelerate launch
     cpu = cpu or not torch.cuda.is_available()
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu, kwargs_handlers=[ddp])
+    tracking = {}
+    if report_to != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(report_to) is None:
+            raise SquatError(f"train.report_to: {report_to} needs the {report_to} package "
+                             f"(pip install {report_to}, or the squat[track] extra)")
+        tracking = {"log_with": report_to, "project_dir": str(log_dir) if log_dir else None}
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu, kwargs_handlers=[ddp],
+                       **tracking)
 
 
 def seed_everything(seed: int) -> None:
@@ -208,6 +221,8 @@ def fit(
     start = time.perf_counter() - st["elapsed"]
     n_epochs = math.ceil(total / spe)
     model.train()
+    tracking = Tracking(acc)
+    tracking.start(recipe.to_dict())
     reporter.start(total, f"{task.display} {method}")
     reporter.update(st["step"], loss=float("nan"), ex_s=0.0)
 
@@ -219,6 +234,7 @@ def fit(
         rec = {"step": st["step"], "epoch": round(at_epoch, 4), **m,
                "train_loss": float(np.mean(recent)) if recent else None}
         rec.update(step_summary(core))
+        tracking.log({f"eval/{k}": v for k, v in m.items()}, st["step"])
         st["history"].append(rec)
         last_metrics = m
         if on_eval and acc.is_main_process:
@@ -259,8 +275,14 @@ def fit(
                 step = st["step"]
                 if step % t.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - start
-                    reporter.update(step, loss=float(np.mean(st["recent"][-t.log_every:])),
-                                    ex_s=st["seen"] / max(elapsed, 1e-9))
+                    mean_loss = float(np.mean(st["recent"][-t.log_every:]))
+                    reporter.update(step, loss=mean_loss, ex_s=st["seen"] / max(elapsed, 1e-9))
+                    if tracking.enabled:
+                        summary = step_summary(core)
+                        tracking.log({"train/loss": mean_loss, "train/lr": w_sched.get_last_lr()[0],
+                                      "train/sam_grad_norm": getattr(strategy, "last_grad_norm", None),
+                                      "quant/mean_wstep": summary.get("mean_wstep"),
+                                      "quant/mean_astep": summary.get("mean_astep")}, step)
                 if t.eval_strategy == "steps" and step % t.eval_steps == 0 and step < total:
                     run_eval(step / spe)
                 if t.save_every and step % t.save_every == 0 and step < total and st["batch"] < spe:
@@ -275,6 +297,7 @@ def fit(
         run_eval(st["step"] / spe)
     finally:
         reporter.stop()
+        tracking.end()
     recent = st["recent"]
     wall = time.perf_counter() - start
     return FitResult(

@@ -208,6 +208,8 @@ class JointSam(Strategy):
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)
         self.perturb = Perturbation(ctx.core, ctx.grad_mean if ctx.sync_perturbation else None)
+        self.last_grad_norm: Optional[float] = None
+        """||grad|| of the last ascent (eps = rho * grad / ||grad||), for logging."""
 
     def ascent(self, batch: dict) -> torch.Tensor:
         """Pass 1 (no gradient sync): capture d L / d Q(w) and apply eps. Step sizes get no gradient."""
@@ -217,7 +219,7 @@ class JointSam(Strategy):
             with self.ctx.no_sync():
                 loss = self.loss(batch, aux=True)
                 self._backward(loss)
-            self.perturb.apply(self.ctx.rho)
+            self.last_grad_norm = self.perturb.apply(self.ctx.rho)
         finally:
             self.perturb.capture(False)
             self._set_grad(self.s_params, True)
@@ -293,7 +295,7 @@ class SQuAT(JointSam):
                 self._step_s()
             elif self.ctx.s_opt is not None:
                 self.ctx.s_opt.zero_grad(set_to_none=True)
-            self.perturb.apply(self.ctx.rho)
+            self.last_grad_norm = self.perturb.apply(self.ctx.rho)
         finally:
             self.perturb.capture(False)
         self.zero_all()
