@@ -247,8 +247,9 @@ def quantize(
         bits, method_info = assign_mixed_bits(model, q, data.train, recipe.train.seed, tokenizer.pad_token_id)
     names = quantize_model(model, q, bits=bits)
     if not names and q.method != "fp-sam":
-        raise RecipeError(f"quant.include {q.include} (minus quant.exclude) matches no linear layer of this model: "
-                          "nothing would be quantized")
+        what = f"quant.include {q.include}" if q.include is not None else "no repeated encoder block was found and"
+        raise RecipeError(f"{what} (minus quant.exclude) matches no linear layer of this model: nothing would be "
+                          "quantized; set quant.include")
     if q.method == "gobo":
         method_info["gobo_outlier_share"] = gobo_outlier_shares(model)
     model.to(acc.device)

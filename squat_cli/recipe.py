@@ -114,8 +114,9 @@ class QuantConfig:
     """One step size per output channel instead of one per tensor."""
     quantize_embeddings: bool = False
     """Also quantize the word embeddings (weights only)."""
-    include: list[str] = field(default_factory=lambda: ["*encoder.layer.*", "*transformer.layer.*"])
-    """fnmatch patterns of module names whose nn.Linear layers are quantized."""
+    include: Optional[list[str]] = None
+    """fnmatch patterns of module names whose nn.Linear layers are quantized; None: every nn.Linear inside
+    the encoder's repeated blocks, found by structure (any BERT-family encoder)."""
     exclude: list[str] = field(default_factory=lambda: ["*classifier*", "*pooler*"])
     act_init: Literal["max", "lsq"] = "max"
     """Activation step init: max|x|/Qp, or LSQ's 2*mean|x|/sqrt(Qp)."""

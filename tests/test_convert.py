@@ -125,3 +125,49 @@ def test_q8bert_and_ptq_and_fp_sam_conversion():
     assert step_parameters(p) == []  # frozen steps
     f = tiny_bert()
     assert quantize_model(f, QuantConfig(method="fp-sam")) == []
+
+
+def _family(name):
+    import transformers as T
+
+    common = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=64, num_labels=2)
+    if name == "bert":
+        return tiny_bert(layers=2), "bert.encoder.layer"
+    if name == "roberta":
+        return T.RobertaForSequenceClassification(T.RobertaConfig(**common, pad_token_id=1)), "roberta.encoder.layer"
+    if name == "distilbert":
+        cfg = T.DistilBertConfig(vocab_size=100, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                                 max_position_embeddings=64, num_labels=2)
+        return T.DistilBertForSequenceClassification(cfg), "distilbert.transformer.layer"
+    if name == "electra":
+        cfg = T.ElectraConfig(**common, embedding_size=16)
+        return T.ElectraForSequenceClassification(cfg), "electra.encoder.layer"
+    if name == "deberta-v2":
+        return T.DebertaV2ForSequenceClassification(T.DebertaV2Config(**common)), "deberta.encoder.layer"
+    if name == "modernbert":
+        cfg = T.ModernBertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+                                 global_attn_every_n_layers=1)
+        return T.ModernBertForSequenceClassification(cfg), "model.layers"
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert"])
+def test_default_layers_found_by_structure_in_every_family(family):
+    """No name patterns: every nn.Linear of the repeated encoder blocks, nothing else; then one SQuAT step trains."""
+    from tests.test_strategies import _strategy
+
+    torch.manual_seed(0)
+    model, blocks = _family(family)
+    expected = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(f"{blocks}.")]
+    names = quantize_model(model, QuantConfig(method="squat", wbits=2, abits=8))
+    assert names == expected and len(names) >= 2 * 4
+    assert not any(isinstance(m, QuantLinear) for n, m in model.named_modules() if not n.startswith(f"{blocks}."))
+    calibrate(model, batches(1, seed=9))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = _strategy(model, "squat", 0.05, optimizer="adam").step(batches(1, seed=4)[0])
+    assert loss == loss and loss > 0  # finite
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.endswith(".weight") and n.startswith(blocks) for n in changed)
+    assert any(n.endswith("wq.step") for n in changed)

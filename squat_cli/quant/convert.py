@@ -1,7 +1,9 @@
 """Which modules to quantize, the swap itself, activation calibration, and quantizer state on disk.
 
-By default every ``nn.Linear`` inside the encoder's layers is swapped (BERT: Q,
-K, V, attention output, FFN in and out; DistilBERT and RoBERTa likewise);
+By default every ``nn.Linear`` inside the encoder's repeated blocks is swapped,
+found by structure whatever the blocks are called (BERT: Q, K, V, attention
+output, FFN in and out; RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT
+alike);
 pooler, classifier, LayerNorm and position/type embeddings stay full
 precision. The word embeddings are quantized only when asked.
 """
@@ -33,13 +35,29 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select_linear(model: nn.Module, include: list[str], exclude: list[str]) -> list[str]:
-    """Names of ``nn.Linear`` modules matching ``include`` and not ``exclude``."""
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the encoder's repeated blocks, found by structure: the children of every ``nn.ModuleList``
+    whose items are all of one class and hold ``nn.Linear`` layers (outermost lists only). BERT's
+    ``encoder.layer.<i>``, DistilBERT's ``transformer.layer.<i>``, ModernBERT's ``model.layers.<i>``."""
+    lists = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1 \
+                and all(any(isinstance(m, nn.Linear) for m in c.modules()) for c in mod):
+            if not any(name.startswith(f"{outer}.") for outer in lists):
+                lists.append(name)
+    return [f"{ln}.{i}" if ln else str(i) for ln in lists for i in range(len(model.get_submodule(ln)))]
+
+
+def select_linear(model: nn.Module, include: Optional[list[str]], exclude: list[str]) -> list[str]:
+    """Names of ``nn.Linear`` modules matching ``include`` and not ``exclude``; ``include`` None: every
+    ``nn.Linear`` inside the encoder's repeated blocks (``repeated_blocks``), whatever they are called."""
+    blocks = repeated_blocks(model) if include is None else []
     return [
         name
         for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear)
-        and _matches(name, include) and not _matches(name, exclude)
+        and (_matches(name, include) if include is not None else any(name.startswith(f"{b}.") for b in blocks))
+        and not _matches(name, exclude)
     ]
 
 
