@@ -79,14 +79,32 @@ def fused_kernels(on: bool):
             os.environ[FUSED_ENV] = old
 
 
+DEVICE = torch.device("cpu")
+"""Where models and batches live (``--device``); CPU by default."""
+
+
+def sync() -> None:
+    """Wait for queued device work (CUDA is asynchronous), so wall-clock timings are right."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     """Measured FLOP/s of a square matmul on this machine (the MFU denominator)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if DEVICE.type == "cuda":
+        n, reps = 8192, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     for _ in range(2):
         a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
@@ -135,18 +153,21 @@ def build(method: str, bits: int, precision: str):
     if quantized:
         qcfg = QuantConfig(method=strat, wbits=8 if strat == "q8bert" else bits, abits=8)
         quantize_model(model, qcfg)
-        calibrate(model, fixed_batches(1, 8, 32, seed=99))
+        model.to(DEVICE)
+        calibrate(model, [to_device(b) for b in fixed_batches(1, 8, 32, seed=99)])
+    model.to(DEVICE)
     train = TrainConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0)
     if train.fast_dropout and variant != "nn-dropout":
         use_fast_dropout(model)  # what `squat` training does on CPU
     model.train()
     w_opt, _, s_opt, _ = build_optimizers(model, train, qcfg, 100)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)) if precision == "bf16" else \
+        contextlib.nullcontext
     ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
                       autocast=autocast, no_sync=contextlib.nullcontext, max_grad_norm=1.0, clip=default_clip,
                       rho=0.1)
     if variant == "aux-bf16":
-        ctx.aux_autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        ctx.aux_autocast = lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     return model, make_strategy(strat, ctx, ssg), autocast
 
 
@@ -168,17 +189,20 @@ def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str
         plain = float(copy.deepcopy(model)(**batch).loss)
     torch.manual_seed(1)
     first = step(method, strategy, batch)
-    if abs(first - plain) > 1e-5 * max(1.0, abs(plain)):
+    tol = 1e-5 if DEVICE.type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
+    if abs(first - plain) > tol * max(1.0, abs(plain)):
         raise SystemExit(f"{method}: first-pass loss {first} != plain forward {plain}")
     return f"{method}: first-pass loss {first:.6f}, plain unfused forward {plain:.6f}"
 
 
 def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
     """One forward+backward of the whole model (gradients discarded, no update)."""
+    sync()
     t = time.perf_counter()
     with autocast():
         loss = model(**batch).loss
     loss.backward()
+    sync()
     elapsed = time.perf_counter() - t
     strategy.zero_all()
     return elapsed
@@ -186,14 +210,17 @@ def fwd_bwd_time(model, strategy, autocast, batch: dict) -> float:
 
 def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, precision: str) -> dict:
     built = {m: build(base(m), bits, "bf16" if m.endswith("@bf16") else precision) for m in names}
+    data = [to_device(b) for b in data]
     checks = [check_first_pass(m, model, strategy, autocast, data[0]) for m, (model, strategy, autocast) in built.items()]
     times: dict[str, list[float]] = {m: [] for m in names}
     passes: dict[str, list[float]] = {m: [] for m in ("fp", "lsq") if m in names}
     flops, peaks = [], {torch.float32: [], torch.bfloat16: []}
     for r, batch in enumerate(data[1:]):
         for m, (_, strategy, _) in built.items():  # noqa: B007
+            sync()
             t = time.perf_counter()
             step(m, strategy, batch)
+            sync()
             if r >= warmup:
                 times[m].append(time.perf_counter() - t)
         if r < warmup:
@@ -266,7 +293,10 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also time fp, lsq and squat under bf16 autocast")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-steps.md")))
     ap.add_argument("--json", default=None, help="also write the medians and ratios as JSON here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (models, batches and the matmul peak there)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     names = args.methods.split(",")
     n = args.rounds + args.warmup + 1
     sections = [("fixed", f"batch {args.batch} x {args.tokens} tokens (fixed length), fp32",
@@ -288,7 +318,8 @@ def main() -> None:
         "# Step-time benchmark", "",
         *machine_lines(),
         f"- all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods (q8bert: W8A8); {args.rounds} timed rounds "
-        f"after {args.warmup} warm-up", "",
+        f"after {args.warmup} warm-up; device {DEVICE}"
+        + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""), "",
     ]
     for key, title, *_ in sections:
         lines += table(results[key], title)
