@@ -101,7 +101,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     lines = ["# GPU check", "", f"- device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
-             f"torch {torch.__version__}", f"- command: `python bench/gpu_check.py`", ""]
+             f"torch {torch.__version__}", "- command: `python bench/gpu_check.py`", ""]
     glue = os.environ.get("SQUAT_DATA_DIR")
     if args.skip_tests or not glue:
         lines += ["## Tests", "", f"skipped ({'--skip-tests' if args.skip_tests else 'no SQUAT_DATA_DIR'})", ""]
