@@ -187,6 +187,11 @@ def sharpness(
     from squat_cli.progress import RichReporter
     from squat_cli.sharpness import SharpnessSettings
 
+    import math
+
+    for name, value in (("--rho", rho), ("--lr", lr)):
+        if not math.isfinite(value):
+            _fail(f"{name}: {value} is not a finite number")
     if rho <= 0:
         _fail(f"--rho: {rho} must be > 0")
     if method not in ("ascent", "keskar"):

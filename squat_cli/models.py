@@ -102,10 +102,14 @@ def load_model(name_or_path: str, task: GlueTask, trust_remote_code: bool = Fals
     name = resolve_model_path(name_or_path)
     local = _check_source(name)
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our one-line error comes first, not transformers' warnings
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except Exception as exc:
         raise ModelError(f"could not load a model config from {name!r}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     config.num_labels = task.num_labels
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
     if task.labels is not None:

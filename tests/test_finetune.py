@@ -142,3 +142,26 @@ def test_version_and_short_help():
     assert runner.invoke(app, ["-h"]).exit_code == 0
     res = runner.invoke(app, ["sharpness", "-h"])
     assert res.exit_code == 0 and "--rho" in res.output
+
+
+def test_refused_remote_code_is_our_first_line(tmp_path, glue_dir, tiny_bert):
+    """A model folder that needs its own code: without --trust-remote-code, stderr starts with our one line."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_bert, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="squat-test-remote", auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                                                          "AutoModelForSequenceClassification": "modeling_remote.M"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "configuration_remote.py").write_text("raise SystemExit('remote code ran')\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "squat_cli", "finetune", "--task", "rte", "--model", str(folder),
+                          "--data-dir", str(glue_dir), "--out", str(tmp_path / "runs"), "--set", "train.max_steps=1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2, res.stderr
+    first = res.stderr.strip().splitlines()[0]
+    assert first.startswith("error:") and "remote code ran" not in res.stdout + res.stderr, res.stderr

@@ -159,6 +159,9 @@ def test_sharpness_cli_deterministic_and_stored(runs, glue_dir):
 
 
 @pytest.mark.parametrize("args,message", [
+    (["--rho", "inf"], "--rho: inf is not a finite number"),
+    (["--rho", "nan"], "--rho: nan is not a finite number"),
+    (["--rho", "0.05", "--lr", "nan"], "--lr: nan is not a finite number"),
     (["--rho", "0"], "--rho: 0.0 must be > 0"),
     (["--rho", "-1"], "--rho: -1.0 must be > 0"),
     (["--rho", "0.1", "--run", "/no/such/run"], "no run folder at /no/such/run"),
