@@ -183,11 +183,11 @@ def sharpness(
     force: bool = typer.Option(False, "--force", help="Measure again runs that already have this score."),
 ) -> None:
     """Measure how flat each trained model is; scores go to sharpness.json in each run folder."""
+    import math
+
     from squat_cli import jobs
     from squat_cli.progress import RichReporter
     from squat_cli.sharpness import SharpnessSettings
-
-    import math
 
     for name, value in (("--rho", rho), ("--lr", lr)):
         if not math.isfinite(value):
