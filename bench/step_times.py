@@ -46,6 +46,7 @@ from squat_cli.quant.convert import calibrate, quantize_model  # noqa: E402
 from squat_cli.recipe import QuantConfig, TrainConfig  # noqa: E402
 from squat_cli.train.fast_dropout import use_fast_dropout  # noqa: E402
 from squat_cli.train.loop import build_optimizers  # noqa: E402
+from squat_cli.train.sam_schedule import SamSchedule  # noqa: E402
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy  # noqa: E402
 
 METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/backward passes per step, variant)
@@ -61,8 +62,16 @@ METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/bac
     "squat-reuse+aux-bf16": ("squat", True, "reuse", 2, "aux-bf16"),
     "fp+nn-dropout": ("fp", False, "fresh", 1, "nn-dropout"),  # train.fast_dropout=false
     "lsq+unfused": ("lsq", True, "fresh", 1, "unfused"),  # SQUAT_FUSED=0
+    # cheaper SAM steps (sam.every / sam.probability / sam.ascent_fraction): amortised over rounds
+    "squat+every4": ("squat", True, "fresh", 2.25, "every4"),
+    "squat+rst0.5": ("squat", True, "fresh", 2.5, "rst0.5"),
+    "squat+frac0.25": ("squat", True, "fresh", 2.25, "frac0.25"),
 }
-DEFAULT_METHODS = "fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert,squat+aux-bf16,squat-reuse+aux-bf16,fp+nn-dropout,lsq+unfused"
+SCHEDULES = {"every4": SamSchedule(every=4), "rst0.5": SamSchedule(probability=0.5),
+             "frac0.25": SamSchedule(fraction=0.25)}
+"""Variants whose cost changes from step to step: their time is the mean over rounds (amortised)."""
+DEFAULT_METHODS = ("fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert,squat+aux-bf16,squat-reuse+aux-bf16,fp+nn-dropout,"
+                   "lsq+unfused,squat+every4,squat+rst0.5,squat+frac0.25")
 
 
 @contextlib.contextmanager
@@ -168,6 +177,8 @@ def build(method: str, bits: int, precision: str):
                       rho=0.1)
     if variant == "aux-bf16":
         ctx.aux_autocast = lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    if variant in SCHEDULES:
+        ctx.schedule = SCHEDULES[variant]
     return model, make_strategy(strat, ctx, ssg), autocast
 
 
@@ -183,10 +194,13 @@ def step(method: str, strategy, batch: dict) -> float:
 
 def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str:
     """The method's first-pass loss equals a plain forward: same weights and dropout seed, unfused ops."""
-    first_autocast = strategy.ctx.aux_autocast if strategy.ctx.aux_autocast and METHODS[base(method)][3] > 1 else autocast
+    sam = METHODS[base(method)][3] > 1
+    ascent = sam and strategy.ctx.schedule.mode(strategy.step_count, False) == "ascent"
+    first_autocast = strategy.ctx.aux_autocast if strategy.ctx.aux_autocast and ascent else autocast
+    first_batch = strategy.ctx.schedule.ascent_batch(batch) if ascent else batch  # ascent_fraction: a part
     torch.manual_seed(1)  # a copy, so EMA buffers (q8bert) are not advanced twice
     with torch.no_grad(), first_autocast(), fused_kernels(False):
-        plain = float(copy.deepcopy(model)(**batch).loss)
+        plain = float(copy.deepcopy(model)(**first_batch).loss)
     torch.manual_seed(1)
     first = step(method, strategy, batch)
     tol = 1e-5 if DEVICE.type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
@@ -237,7 +251,14 @@ def run_rounds(names: list[str], data: list[dict], warmup: int, bits: int, preci
             "checks": checks}
 
 
+def amortised(m: str) -> bool:
+    return METHODS[base(m)][4] in SCHEDULES
+
+
 def ratio(res: dict, a: str, b: str) -> float:
+    """Median of per-round ratios; for a variant whose cost changes from step to step, the ratio of means."""
+    if amortised(a) or amortised(b):
+        return statistics.mean(res["times"][a]) / statistics.mean(res["times"][b])
     return statistics.median(x / y for x, y in zip(res["times"][a], res["times"][b]))
 
 
@@ -256,15 +277,17 @@ def floor_ratio(res: dict, m: str) -> str:
 
 def table(res: dict, title: str) -> list[str]:
     t = res["times"]
-    med = {m: statistics.median(v) for m, v in t.items()}
+    med = {m: (statistics.mean(v) if amortised(m) else statistics.median(v)) for m, v in t.items()}
     lines = [f"### {title}", "",
              "| method | passes | s/step (median) | vs fp | vs lsq | floor vs lsq |", "|---|---|---|---|---|---|"]
     for m in t:
         vs_fp = f"{ratio(res, m, 'fp'):.2f}x" if "fp" in t else "-"
         vs_lsq = f"{ratio(res, m, 'lsq'):.2f}x" if "lsq" in t else "-"
-        lines.append(f"| {m} | {METHODS[base(m)][3]} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
+        lines.append(f"| {m} | {METHODS[base(m)][3]:g} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
     lines += ["", "floor: the method's forward+backward passes at the measured cost of one LSQ (fp-sam: FP) pass, "
-                  "plus one optimizer update, relative to the LSQ step of the same round.",
+                  "plus one optimizer update, relative to the LSQ step of the same round. Variants `+every4`, "
+                  "`+rst0.5`, `+frac0.25` (sam.every=4, sam.probability=0.5, sam.ascent_fraction=0.25): mean over "
+                  "the rounds (amortised), passes = expected passes per step.",
               "Same-loss checks (first pass vs a plain forward with the unfused ops, same batch and dropout seed): "
               + "; ".join(res["checks"]) + "."]
     if res["passes"]:
@@ -329,7 +352,8 @@ def main() -> None:
         sec = {"median_s": {m: statistics.median(v) for m, v in t.items()}, "ratios": {}}
         for a, b in (("lsq", "fp"), ("squat", "lsq"), ("squat-reuse", "lsq"), ("joint", "lsq"), ("fp-sam", "fp"),
                      ("squat+aux-bf16", "lsq"), ("squat-reuse+aux-bf16", "lsq"), ("fp+nn-dropout", "fp"),
-                     ("lsq+unfused", "lsq")):
+                     ("lsq+unfused", "lsq"), ("squat+every4", "lsq"), ("squat+rst0.5", "lsq"),
+                     ("squat+frac0.25", "lsq")):
             if a in t and b in t:
                 sec["ratios"][f"{a}/{b}"] = ratio(res, a, b)
         if "fp" in t and res["precision"] == "fp32":

@@ -202,6 +202,12 @@ class SamConfig:
     """Every pass of one SAM-type step (ascent, weight step, step-size step) draws the same dropout
     masks as the first; the random stream then advances as after a single pass, so joint at rho 0
     reproduces an lsq run exactly. Off: each pass draws new masks."""
+    every: int = 1
+    """Ascent every k steps; the steps between reuse the last eps as it is (plain reuse of eps)."""
+    probability: float = 1.0
+    """Each step is a SAM step with this probability, else a plain step without perturbation (RST)."""
+    ascent_fraction: float = 1.0
+    """The ascent runs on the first ceil(f * batch) examples; the descent on the whole batch (ESAM-style)."""
 
 
 @dataclass
@@ -251,6 +257,14 @@ class Recipe:
             self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
         if self.sam.rho < 0:
             raise RecipeError(f"sam.rho: {self.sam.rho} must be >= 0")
+        _positive("sam.every", self.sam.every, allow_zero=False)
+        for key in ("probability", "ascent_fraction"):
+            if not 0 < getattr(self.sam, key) <= 1:
+                raise RecipeError(f"sam.{key}: {getattr(self.sam, key)} must be in (0, 1]")
+        cheaper = self.sam.every != 1 or self.sam.probability != 1 or self.sam.ascent_fraction != 1
+        if cheaper and q is not None and q.method == "squat" and q.step_size_grad == "reuse":
+            raise RecipeError("sam.every / probability / ascent_fraction: not available with "
+                              "quant.step_size_grad=reuse (its step-size update rides on every step's ascent)")
         if q is not None:
             if not 2 <= q.wbits <= 8 and not (q.method == "fp-sam" and q.wbits == 32):
                 raise RecipeError(f"quant.wbits: {q.wbits} is outside 2..8")

@@ -89,7 +89,9 @@ def fp_root(tmp_path_factory, glue_dir, tiny_bert):
     return root
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "quant.step_size_grad=reuse"]], ids=["fresh", "reuse"])
+@pytest.mark.parametrize("extra", [[], ["--set", "quant.step_size_grad=reuse"],
+                                   ["--set", "sam.every=2", "--set", "sam.probability=0.7"]],
+                         ids=["fresh", "reuse", "every2-rst"])
 def test_squat_killed_resumes_exactly(tmp_path, glue_dir, fp_root, extra):
     import shutil
 

@@ -71,12 +71,12 @@ def ref_eps(fp, W, S, batch, bits, rho):
     return {n: rho * g / (norm + 1e-12) for n, g in grads.items()}
 
 
-def reference_step(method, seed, batch, bits=2, weight_ste="masked"):
+def reference_step(method, seed, batch, bits=2, weight_ste="masked", eps_batch=None):
     fp = tiny_bert(seed)
     q, names = _quantized(seed=seed, wbits=bits)
     S = {n: q.get_submodule(n).wq.step.detach().clone() for n in names}
     W = {n: p.detach().clone() for n, p in fp.named_parameters()}
-    eps = ref_eps(fp, W, S, batch, bits, RHO)
+    eps = ref_eps(fp, W, S, eps_batch if eps_batch is not None else batch, bits, RHO)
     Wv = {n: p.clone().requires_grad_() for n, p in W.items()}
     Sv = {n: s.clone().requires_grad_(method == "joint") for n, s in S.items()}
     loss2 = ref_loss(fp, Wv, Sv, eps, batch, bits, identity=weight_ste == "identity")

@@ -61,14 +61,21 @@ def _unflatten_optimizer(name: str, meta: dict[str, Any], tensors: dict[str, tor
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+STRATEGY = "strategy."
+"""Prefix of the strategy's own tensors in ``optim.safetensors``."""
+
+
 def save_checkpoint(
     folder: Path, model: torch.nn.Module, optimizers: dict[str, Optional[torch.optim.Optimizer]],
-    schedulers: dict[str, Any], loop_state: dict[str, Any],
+    schedulers: dict[str, Any], loop_state: dict[str, Any], strategy_state: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Write a complete checkpoint to ``folder`` atomically."""
+    """Write a complete checkpoint to ``folder`` atomically; ``strategy_state`` (e.g. a stored SAM perturbation)
+    travels with the optimizer tensors under ``strategy.*``."""
     model_t = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     optim_t: dict[str, torch.Tensor] = {}
     optim_meta = {n: _flatten_optimizer(n, o, optim_t) for n, o in optimizers.items() if o is not None}
+    for k, v in (strategy_state or {}).items():
+        optim_t[f"{STRATEGY}{k}"] = v.detach().cpu().clone().contiguous()
     np_state = np.random.get_state()
     rng_t = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64))}
     if torch.cuda.is_available():
@@ -119,8 +126,8 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict, dict]:
 def load_checkpoint(
     folder: Path, model: torch.nn.Module, optimizers: dict[str, Optional[torch.optim.Optimizer]],
     schedulers: dict[str, Any],
-) -> dict[str, Any]:
-    """Restore everything saved by ``save_checkpoint``; return the loop state."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore everything saved by ``save_checkpoint``; return the loop state and the strategy's tensors."""
     model_t, optim_t, rng_t, state = read_checkpoint(folder)
     own = model.state_dict()
     if set(own) != set(model_t):
@@ -145,7 +152,8 @@ def load_checkpoint(
     np.random.set_state((kind, rng_t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
-    return state["loop"]
+    strategy_state = {k[len(STRATEGY):]: v for k, v in optim_t.items() if k.startswith(STRATEGY)}
+    return state["loop"], strategy_state
 
 
 def checkpoint_step(folder: Path) -> Optional[int]:

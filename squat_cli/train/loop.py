@@ -28,6 +28,7 @@ from squat_cli.quant.qlinear import step_parameters, weight_parameters
 from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
 from squat_cli.train.checkpoint import load_checkpoint, save_checkpoint
 from squat_cli.train.fast_dropout import use_fast_dropout
+from squat_cli.train.sam_schedule import SamSchedule
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy
 from squat_cli.train.tracking import Tracking
 
@@ -203,6 +204,7 @@ def fit(
         rho=recipe.sam.rho, grad_mean=(lambda g: acc.reduce(g, "mean")) if distributed else None,
         sync_perturbation=recipe.sam.sync_perturbation, aux_autocast=aux_autocast(t, acc),
         weight_ste=recipe.sam.weight_ste, dropout_replay=recipe.sam.dropout_replay,
+        schedule=SamSchedule(recipe.sam.every, recipe.sam.probability, recipe.sam.ascent_fraction, t.seed),
     )
     qcfg = recipe.quant
     strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")
@@ -212,8 +214,9 @@ def fit(
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "recent": [], "history": [],
                           "elapsed": 0.0, "strategy_steps": 0}
     if resume and checkpoint_dir is not None and (checkpoint_dir / "manifest.json").is_file():
-        st = load_checkpoint(checkpoint_dir, core, optimizers, schedulers)
+        st, strategy_state = load_checkpoint(checkpoint_dir, core, optimizers, schedulers)
         strategy.step_count = st["strategy_steps"]
+        strategy.load_state_tensors(strategy_state)
         if on_resume and acc.is_main_process:
             on_resume(st["history"])
         reporter.message(f"resumed from step {st['step']} (epoch {st['epoch']}, batch {st['batch']})")
@@ -249,7 +252,7 @@ def fit(
         t0 = time.perf_counter()
         st["elapsed"] = t0 - start
         st["strategy_steps"] = strategy.step_count
-        save_checkpoint(checkpoint_dir, core, optimizers, schedulers, st)
+        save_checkpoint(checkpoint_dir, core, optimizers, schedulers, st, strategy.state_tensors())
         st["overhead"] = st.get("overhead", 0.0) + time.perf_counter() - t0
 
     try:

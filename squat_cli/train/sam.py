@@ -30,6 +30,9 @@ class Perturbation:
         self._saved: list[torch.Tensor] = []
         self._frozen: list[torch.Tensor] = []
         self.active = False
+        self.keep = False
+        """Keep a copy of the last eps (``apply_stored`` reuses it)."""
+        self.stored: Optional[list[torch.Tensor]] = None
 
     def capture(self, on: bool) -> None:
         """Record d loss / d Q(w) in the next backward pass (``on``), or stop recording.
@@ -61,16 +64,43 @@ class Perturbation:
         grads = self.gradients()
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         scale = rho / (norm + 1e-12)
-        for m, g in zip(self.qlayers, grads[: len(self.qlayers)]):
-            m.eps = (g.float() * scale).to(m.weight.dtype)
+        for m in self.qlayers:
             m.qgrad = None
             m.capture_grad = False
-        self._saved = []
-        for p, g in zip(self.plain, grads[len(self.qlayers):]):
-            self._saved.append(p.detach().clone())
-            p.add_((g.float() * scale).to(p.dtype))
-        self.active = True
+        eps = [(g.float() * scale).to(t.dtype) for g, t in zip(grads, self._targets())]
+        if self.keep:
+            self.stored = [e.clone() for e in eps]
+        self._perturb(eps)
         return float(norm)
+
+    def _targets(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.qlayers] + list(self.plain)
+
+    @torch.no_grad()
+    def _perturb(self, eps: list[torch.Tensor]) -> None:
+        for m, e in zip(self.qlayers, eps[: len(self.qlayers)]):
+            m.eps = e
+        self._saved = []
+        for p, e in zip(self.plain, eps[len(self.qlayers):]):
+            self._saved.append(p.detach().clone())
+            p.add_(e)
+        self.active = True
+
+    @torch.no_grad()
+    def apply_stored(self) -> None:
+        """Perturb by the eps kept from the last ``apply`` (``keep`` on)."""
+        if self.stored is None:
+            raise RuntimeError("no stored perturbation to reuse")
+        self._perturb(self.stored)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The kept eps, for a checkpoint (empty when none is kept)."""
+        return {f"eps.{i}": e for i, e in enumerate(self.stored or [])}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            targets = self._targets()
+            self.stored = [tensors[f"eps.{i}"].to(t.device, t.dtype) for i, t in enumerate(targets)]
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -41,7 +41,9 @@ from torch import nn
 from squat_cli.errors import DivergenceError
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
+from squat_cli.train.rng_replay import RngReplay
 from squat_cli.train.sam import Perturbation
+from squat_cli.train.sam_schedule import ASCENT, PLAIN, REUSE, SamSchedule
 
 
 @dataclass
@@ -71,43 +73,8 @@ class StepContext:
     """SAM's weight step through the weight quantizers: ``masked`` (LSQ's STE) or ``identity`` (dQ/dw = 1)."""
     dropout_replay: bool = False
     """Every pass of a step draws the dropout masks of its first pass."""
-
-
-class RngReplay:
-    """The same random draws (dropout masks) in every pass of one step.
-
-    ``begin`` records the generator state before the first pass, ``replay`` restores it
-    before a later pass, ``end`` moves the stream to where the first pass left it, so
-    the run's random stream advances as if each step were one pass. Covers the CPU
-    generator and, on CUDA, the current device's. Disabled, every call does nothing.
-    """
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled = enabled
-        self.cuda = device.type == "cuda"
-        self._start = self._after = None
-
-    def _state(self):
-        return torch.get_rng_state(), (torch.cuda.get_rng_state() if self.cuda else None)
-
-    def _set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1])
-
-    def begin(self) -> None:
-        if self.enabled:
-            self._start, self._after = self._state(), None
-
-    def replay(self) -> None:
-        if self.enabled:
-            if self._after is None:  # the first pass just ended
-                self._after = self._state()
-            self._set(self._start)
-
-    def end(self) -> None:
-        if self.enabled and self._after is not None:
-            self._set(self._after)
+    schedule: SamSchedule = SamSchedule()
+    """When SAM-type steps take their ascent, and on what part of the batch (``sam.every`` etc.)."""
 
 
 class Strategy:
@@ -177,6 +144,13 @@ class Strategy:
             if not torch.isfinite(p).all():
                 raise DivergenceError(f"non-finite step size {name} at step {self.step_count + 1}")
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the strategy carries from step to step beyond parameters and optimizers (for checkpoints)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
     def zero_all(self) -> None:
         self.ctx.w_opt.zero_grad(set_to_none=True)
         if self.ctx.s_opt is not None:
@@ -208,8 +182,28 @@ class JointSam(Strategy):
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)
         self.perturb = Perturbation(ctx.core, ctx.grad_mean if ctx.sync_perturbation else None)
+        self.perturb.keep = ctx.schedule.keeps_eps
         self.last_grad_norm: Optional[float] = None
         """||grad|| of the last ascent (eps = rho * grad / ||grad||), for logging."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.perturb.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.perturb.load_state_tensors(tensors)
+
+    def begin_step(self, batch: dict, ascent: Callable[[dict], torch.Tensor]) -> tuple[str, Optional[torch.Tensor]]:
+        """Start a step as the schedule says: ascent (eps from this batch, or its first part), reuse of the
+        stored eps, or no perturbation. Returns the mode and the ascent's loss (None without an ascent)."""
+        mode = self.ctx.schedule.mode(self.step_count, self.perturb.stored is not None)
+        self.rng.begin()
+        if mode == ASCENT:
+            loss = ascent(self.ctx.schedule.ascent_batch(batch))
+            self.rng.replay()
+            return mode, loss
+        if mode == REUSE:
+            self.perturb.apply_stored()
+        return mode, None
 
     def ascent(self, batch: dict) -> torch.Tensor:
         """Pass 1 (no gradient sync): capture d L / d Q(w) and apply eps. Step sizes get no gradient."""
@@ -227,19 +221,18 @@ class JointSam(Strategy):
         return loss
 
     def step(self, batch: dict) -> float:
-        self.rng.begin()
-        loss = self.ascent(batch)
-        self.rng.replay()
+        mode, loss = self.begin_step(batch, self.ascent)
         try:
-            with self.weight_step():
-                self._backward(self.loss(batch))
+            with self.weight_step() if mode != PLAIN else contextlib.nullcontext():
+                descent = self.loss(batch)
+                self._backward(descent)
         finally:
             self.perturb.restore()
         self.rng.end()
         self._step_w()
         self._step_s()
         self.step_count += 1
-        return float(loss.detach())
+        return float((loss if loss is not None else descent).detach())
 
 
 class SQuAT(JointSam):
@@ -252,20 +245,18 @@ class SQuAT(JointSam):
         self.fresh = step_size_grad == "fresh"
 
     def step(self, batch: dict) -> float:
-        self.rng.begin()
-        if self.fresh:
-            loss = self.ascent(batch)
-        else:
-            loss = self._ascent_with_step_grad(batch)
+        mode, loss = self.begin_step(batch, self.ascent if self.fresh else self._ascent_with_step_grad)
         # pass 2: weight step at Q(w_t, s_t) + eps, s fixed
-        self.rng.replay()
         self._set_grad(self.s_params, False)
         try:
-            with self.weight_step():
-                self._backward(self.loss(batch))
+            with self.weight_step() if mode != PLAIN else contextlib.nullcontext():
+                descent = self.loss(batch)
+                self._backward(descent)
         finally:
             self.perturb.restore()
             self._set_grad(self.s_params, True)
+        if loss is None:
+            loss = descent
         self._step_w()
         if self.fresh:
             # pass 3: step-size step at Q(w_{t+1}, s_t), w fixed
