@@ -188,3 +188,17 @@ def test_grid_note_and_speed_options_in_the_header(tmp_path):
     assert md.splitlines()[2] == "> A miniature: the evidence is in docs/replication/README.md"
     assert "bf16 autocast in training (lsq; paper: fp32)" in rep.header
     assert "batches grouped by length (lsq; paper: random batches)" in rep.header
+
+
+def test_alias_bomb_in_a_run_folder_recipe_does_not_stall_the_report(tmp_path):
+    import time
+
+    root = tmp_path / "runs"
+    run = make_run(root, "rte", "lsq-w2a8", 1, {"accuracy": 0.6})
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]" for i in range(1, 9)]
+    (run / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    rep = write_report(root, tmp_path / "rep")
+    assert time.perf_counter() - t0 < 10
+    assert rep.tables[0].frame.set_index(["method", "W/A"]).loc[("LSQ", "2/8")]["RTE"] == pytest.approx(60.0)
