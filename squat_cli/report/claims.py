@@ -157,9 +157,10 @@ def _f(v: float, digits: int = 2) -> str:
 
 def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
     lines = ["### Paired comparisons (same task, bits and seed)", "",
-             "Mean difference over the pairs, 95% bootstrap interval, pairs won/lost, two-sided Wilcoxon "
-             "signed-rank p. Sharpness pairs whose ascent stopped inside the ball are left out (`excl.`).", "",
-             "| claim | comparison | bits | pairs | mean | 95% interval | won/lost | p | excl. |",
+             "Mean difference over the pairs, 95% bootstrap interval, the number of pairs with a positive / "
+             "negative difference, two-sided Wilcoxon signed-rank p. Sharpness pairs whose ascent stopped inside "
+             "the ball are left out (`excl.`).", "",
+             "| claim | comparison | bits | pairs | mean | 95% interval | +/- | p | excl. |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         digits = 5 if "sharpness" in r.comparison else 2
