@@ -22,7 +22,7 @@ from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.gobo import gobo_outlier_shares
 from squat_cli.quant.qlinear import is_quantizer_key
-from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, read_yaml, recipe_from_dict
+from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, recipe_from_dict
 from squat_cli.runs import (
     RunDir,
     atomic_dir,
@@ -36,6 +36,7 @@ from squat_cli.runs import (
 )
 from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint
 from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
+from squat_cli.yaml_safe import read_yaml
 
 
 @dataclass

@@ -9,23 +9,18 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
 from squat_cli.errors import RecipeError
+from squat_cli.typed import build
+from squat_cli.yaml_safe import read_yaml, safe_yaml
 
-MAX_INT = 2**53
-"""Largest integer a recipe value may hold (what a float represents exactly)."""
 MAX_SEED = 2**32 - 1
 """numpy's seeding takes 32-bit seeds."""
-MAX_YAML_NODES = 100_000
-"""Bound on a recipe's size once YAML aliases are expanded (an alias bomb stops here)."""
 METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert")
 WEIGHT_ONLY_METHODS = ("fp-sam", "gobo")
 """Methods whose activations stay FP32 (their variant is always ``a32``)."""
@@ -305,109 +300,10 @@ def _positive(key: str, value: float, allow_zero: bool = True) -> None:
         raise RecipeError(f"{key}: {value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-# ---------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        ktp, vtp = typing.get_args(tp)
-        return f"a mapping of {_type_name(ktp)} to {_type_name(vtp)}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: error messages stay one short line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return the converted value."""
-    origin = typing.get_origin(tp)
-    bad = RecipeError(f"{key}: {_short(value)} is not valid; expected {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, key)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        real = [a for a in args if a is not type(None)]
-        if len(real) == 1:
-            return _coerce(key, real[0], value)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, arg, value)
-            except RecipeError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        ktp, vtp = typing.get_args(tp)
-        return {_coerce(f"{key} key", ktp, k): _coerce(f"{key}.{k}", vtp, v) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        if abs(value) > MAX_INT:
-            raise RecipeError(f"{key}: {_short(value)} is out of range (at most {MAX_INT} in size)")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(float(value)):
-            raise RecipeError(f"{key}: {value!r} is not a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise bad  # pragma: no cover - only the types above are used
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            shown = full if len(full) <= 80 else full[:77] + "..."
-            raise RecipeError(f"{shown}: unknown key; allowed: {', '.join(names)}")
-        kwargs[key] = _coerce(full, hints[key], value)
-    return cls(**kwargs)
-
-
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("recipe: the file must hold a mapping of sections (model, data, train, quant, sam)")
-    return _build(Recipe, data)
+    return build(Recipe, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -458,53 +354,6 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             _merge(into[k], v)
         else:
             into[k] = v
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"recipe {path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise RecipeError(f"recipe {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    return safe_yaml(text, f"recipe {path}") or {}
-
-
-def safe_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` with a bound on the expanded size: aliases may not multiply the document past
-    ``MAX_YAML_NODES`` nodes (the "billion laughs" alias bomb)."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            size = _expanded_size(node, {})
-            if size > MAX_YAML_NODES:
-                raise RecipeError(f"{what}: too large once its YAML aliases are expanded (over {MAX_YAML_NODES} "
-                                  "nodes)")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"{what}: not valid YAML{where}") from None
-    except RecursionError:
-        raise RecipeError(f"{what}: nested too deeply") from None
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Nodes in the document with every alias expanded (memoised: linear in the composed graph)."""
-    if id(node) in memo:
-        return memo[id(node)]
-    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle counts as too large
-    if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    else:
-        size = 1
-    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
-    return memo[id(node)]
 
 
 # The paper's QAT setup (Appendix B), under any recipe given to ``squat quantize``.

@@ -15,8 +15,8 @@ import pandas as pd
 
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
-from squat_cli.recipe import read_yaml
 from squat_cli.runs import discover, read_json, write_text
+from squat_cli.yaml_safe import read_yaml
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),
             ("quant", "act_grad_scale"), ("sam", "dropout_replay"), ("train", "epochs")]

@@ -1,0 +1,177 @@
+"""A grid recipe: what to run (tasks x methods x bits x seeds, sharpness radii, settings) and the recipe of
+each run.
+
+A grid recipe has a ``sweep`` section (tasks x methods x bits x seeds, and the
+sharpness radii), plus ``finetune`` and ``quantize`` sections holding ordinary
+recipe sections (model/data/train/quant/sam) and a ``sharpness`` section.
+
+A settings search: a top-level ``settings`` mapping names variants of the
+quantize section (``{name: {dotted.key: value}}``, e.g. ``{lr3e-5: {train.lr:
+3.0e-5}}``). Every quantized run and score is then made once per setting, into
+its own runs root ``<out>/<name>/``, all starting from the same FP runs. Those
+live in ``sweep.fp_runs`` when set (a runs root, shared with another grid), else
+in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from squat_cli.errors import RecipeError
+from squat_cli.glue import get_task
+from squat_cli.recipe import (
+    METHODS,
+    QUANTIZE_DEFAULTS,
+    WEIGHT_ONLY_METHODS,
+    Recipe,
+    _merge,
+    apply_overrides,
+    recipe_from_dict,
+)
+from squat_cli.sharpness import SharpnessSettings
+from squat_cli.typed import build
+from squat_cli.yaml_safe import read_yaml
+
+SAM_METHODS = ("joint", "squat", "fp-sam")
+MIXED_RE = re.compile(r"^qbert-mp([2-8])$")
+"""Grid method names for Q-BERT's mixed precision: ``qbert-mp3`` is W/3 for each W of its bit widths."""
+
+
+@dataclass
+class SweepSection:
+    tasks: list[str]
+    methods: list[str] = field(default_factory=lambda: ["lsq", "squat"])
+    wbits: list[int] = field(default_factory=lambda: [2, 3, 4])
+    abits: int = 8
+    seeds: list[int] = field(default_factory=lambda: [42])
+    sharpness_rhos: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    fp_runs: Optional[str] = None
+    """Runs root of the FP runs (made there if missing); None: the sweep's ``--out``."""
+    sharpness_methods: Optional[list[str]] = None
+    """Methods whose runs get sharpness scores (``fp`` for the FP runs); None: every run."""
+    method_wbits: dict[str, list[int]] = field(default_factory=dict)
+    """Weight bit widths for a method instead of ``wbits`` (``{q8bert: [8]}``)."""
+    note: Optional[str] = None
+    """One line printed at the top of the grid's report (e.g. where the full results are)."""
+
+
+@dataclass
+class Grid:
+    sweep: SweepSection
+    finetune: dict[str, Any]
+    quantize: dict[str, Any]
+    sharpness: SharpnessSettings
+    """Settings for every score; the radius comes from ``sweep.sharpness_rhos``."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named variants of the quantize section (dotted keys), each run into ``<out>/<name>/``."""
+
+    def setting_names(self) -> list[str]:
+        return list(self.settings) or [""]
+
+    def root_of(self, kind: str, setting: str, out: Path) -> Path:
+        """The runs root holding the run folder of a job of this ``kind`` (fp, quantize, sharpness) and setting."""
+        if kind == "fp":
+            return Path(self.sweep.fp_runs) if self.sweep.fp_runs else out
+        return out / setting if setting else out
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.sweep.tasks
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.sweep.seeds
+
+    def fp_recipe(self, task: str, seed: int, data_dir: Optional[str] = None) -> Recipe:
+        d = copy.deepcopy(self.finetune)
+        over = {"data.task": task, "train.seed": seed}
+        if data_dir:
+            over["data.data_dir"] = data_dir
+        return recipe_from_dict(apply_overrides(d, over)).validate()
+
+    def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None,
+                     setting: str = "") -> Recipe:
+        d = apply_overrides({}, dict(QUANTIZE_DEFAULTS))
+        _merge(d, copy.deepcopy(self.quantize))
+        if setting:
+            apply_overrides(d, dict(self.settings[setting]))
+        over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
+                "quant.abits": 32 if method in WEIGHT_ONLY_METHODS else self.sweep.abits}
+        mixed = MIXED_RE.match(method)
+        if mixed:  # qbert-mp<H>: Q-BERT with mixed precision W/H
+            over.update({"quant.method": "qbert", "quant.mixed": f"{wbits}/{mixed.group(1)}"})
+        if data_dir:
+            over["data.data_dir"] = data_dir
+        rho = (d.get("sam") or {}).get("rho")
+        if isinstance(rho, dict):  # per-bits radius: {2: 0.1, 4: 0.15}
+            if wbits in rho:
+                over["sam.rho"] = rho[wbits]
+            elif method in SAM_METHODS:
+                raise RecipeError(f"quantize.sam.rho: no radius for W{wbits} (have {sorted(rho)})")
+            else:  # no SAM: the radius is unused
+                over["sam.rho"] = None
+        return recipe_from_dict(apply_overrides(d, over)).validate()
+
+    def sharpness_settings(self, rho: float) -> SharpnessSettings:
+        return dataclasses.replace(self.sharpness, rho=rho)
+
+
+def is_grid_recipe(path: Path | str) -> bool:
+    data = read_yaml(path)
+    return isinstance(data, dict) and "sweep" in data
+
+
+def load_grid(path: Path | str) -> Grid:
+    data = read_yaml(path)
+    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings")
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
+    if "sweep" not in data:
+        raise RecipeError(f"{path}: a grid recipe needs a sweep section")
+    sweep = build(SweepSection, data["sweep"] or {}, "sweep")
+    sharp_data = data.get("sharpness") or {}
+    if "rho" in sharp_data:
+        raise RecipeError("sharpness.rho: set the radii in sweep.sharpness_rhos")
+    sharp = build(SharpnessSettings, {"rho": 1.0, **sharp_data}, "sharpness")
+    if sharp.method not in ("ascent", "keskar"):
+        raise RecipeError(f"sharpness.method: {sharp.method!r} is not one of ascent, keskar")
+    if sharp.step not in ("normalized", "raw"):
+        raise RecipeError(f"sharpness.step: {sharp.step!r} is not one of normalized, raw")
+    if sharp.split not in ("train", "dev"):
+        raise RecipeError(f"sharpness.split: {sharp.split!r} is not one of train, dev")
+    for key in ("steps", "examples", "batch_size", "subspace", "maxiter", "lr"):
+        value = getattr(sharp, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise RecipeError(f"sharpness.{key}: {value} must be > 0")
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise RecipeError("settings: expected a mapping of names to {dotted.key: value} mappings")
+    for name in settings:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == "fp":
+            raise RecipeError(f"settings: {name!r} is not a usable folder name")
+    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings)
+    for t in sweep.tasks:
+        get_task(t)
+    known = {"fp", *METHODS}
+    for m in [*sweep.methods, *(sweep.sharpness_methods or []), *sweep.method_wbits]:
+        if m not in known and not MIXED_RE.match(m):
+            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted(known))}, "
+                              "qbert-mp<H> (Q-BERT mixed precision W/H)")
+    if any(r <= 0 for r in sweep.sharpness_rhos):
+        raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")
+    # validate every recipe the grid will use, before anything runs
+    for t in sweep.tasks:
+        for seed in sweep.seeds:
+            grid.fp_recipe(t, seed)
+            for m in sweep.methods:
+                for b in sweep.method_wbits.get(m, sweep.wbits):
+                    for name in grid.setting_names():
+                        grid.quant_recipe(t, seed, m, b, setting=name)
+    return grid
