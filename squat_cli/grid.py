@@ -5,6 +5,9 @@ A grid recipe has a ``sweep`` section (tasks x methods x bits x seeds, and the
 sharpness radii), plus ``finetune`` and ``quantize`` sections holding ordinary
 recipe sections (model/data/train/quant/sam) and a ``sharpness`` section.
 
+``method_settings`` (top level) overrides the quantize section for one method
+(``{squat: {quant.step_lr: 1.0}}``): what a search chose for that method alone.
+
 A settings search: a top-level ``settings`` mapping names variants of the
 quantize section (``{name: {dotted.key: value}}``, e.g. ``{lr3e-5: {train.lr:
 3.0e-5}}``). Every quantized run and score is then made once per setting, into
@@ -70,6 +73,8 @@ class Grid:
     """Settings for every score; the radius comes from ``sweep.sharpness_rhos``."""
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named variants of the quantize section (dotted keys), each run into ``<out>/<name>/``."""
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per method, overrides of the quantize section (dotted keys): settings searched for one method only."""
 
     def setting_names(self) -> list[str]:
         return list(self.settings) or [""]
@@ -99,6 +104,8 @@ class Grid:
                      setting: str = "") -> Recipe:
         d = apply_overrides({}, dict(QUANTIZE_DEFAULTS))
         _merge(d, copy.deepcopy(self.quantize))
+        if method in self.method_settings:
+            apply_overrides(d, dict(self.method_settings[method]))
         if setting:
             apply_overrides(d, dict(self.settings[setting]))
         over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
@@ -129,7 +136,7 @@ def is_grid_recipe(path: Path | str) -> bool:
 
 def load_grid(path: Path | str) -> Grid:
     data = read_yaml(path)
-    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings")
+    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings", "method_settings")
     for key in data:
         if key not in allowed:
             raise RecipeError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
@@ -156,7 +163,13 @@ def load_grid(path: Path | str) -> Grid:
     for name in settings:
         if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == "fp":
             raise RecipeError(f"settings: {name!r} is not a usable folder name")
-    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings)
+    method_settings = data.get("method_settings") or {}
+    if not isinstance(method_settings, dict) or not all(isinstance(v, dict) for v in method_settings.values()):
+        raise RecipeError("method_settings: expected a mapping of methods to {dotted.key: value} mappings")
+    for m in method_settings:
+        if m not in sweep.methods:
+            raise RecipeError(f"method_settings: {m!r} is not one of the grid's methods ({', '.join(sweep.methods)})")
+    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings, method_settings)
     for t in sweep.tasks:
         get_task(t)
     known = {"fp", *METHODS}

@@ -216,3 +216,19 @@ def test_a_finished_run_with_another_recipe_is_reported(tmp_path, tiny_bert, glu
     assert out.warnings == ["rte/fp/seed1: finished with another recipe (train.lr: 1.0 here, 2e-05 in the grid); "
                             "counted as done, not rerun"]
     assert logged == [f"warning: {out.warnings[0]}"]
+
+
+def test_method_settings_override_one_method(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("sweep:\n  tasks: [rte]\n  methods: [lsq, squat, joint]\n  wbits: [2]\n  seeds: [1]\n"
+                 "quantize:\n  quant: {step_lr: 0.1}\n  sam: {rho: 0.01}\n"
+                 "method_settings:\n  squat: {quant.step_lr: 1.0, sam.rho: 0.005}\n  joint: {quant.step_lr: 1.0}\n")
+    g = load_grid(p)
+    assert g.quant_recipe("rte", 1, "lsq", 2).quant.step_lr == 0.1
+    sq = g.quant_recipe("rte", 1, "squat", 2)
+    assert (sq.quant.step_lr, sq.sam.rho) == (1.0, 0.005)
+    jt = g.quant_recipe("rte", 1, "joint", 2)
+    assert (jt.quant.step_lr, jt.sam.rho) == (1.0, 0.01)
+    p.write_text("sweep:\n  tasks: [rte]\n  methods: [lsq]\nmethod_settings:\n  squat: {quant.step_lr: 1.0}\n")
+    with pytest.raises(RecipeError, match="'squat' is not one of the grid's methods"):
+        load_grid(p)
