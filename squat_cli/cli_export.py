@@ -1,0 +1,87 @@
+"""The ``squat export`` and ``squat evaluate`` commands: ship a trained run, and score what was shipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from squat_cli.cli_base import DataOpt, _fail, _run, app, console
+
+FORMATS = ("packed", "onnx")
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def print_size_report(manifest: dict) -> None:
+    size = manifest["size"]
+    table = Table(title="export size (quantized layers: weight + bias + steps, against FP32)")
+    table.add_column("layer")
+    table.add_column("bits", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("FP32 bytes", justify="right")
+    table.add_column("ratio", justify="right")
+    for name, row in size["quantized_layers"].items():
+        table.add_row(name, str(manifest["layers"][name]["bits"]), _kb(row["bytes"]), _kb(row["fp32_bytes"]),
+                      f"1/{1 / row['ratio']:.1f}")
+    console.print(table)
+    console.print(f"quantized layers: {_kb(size['quantized_layers_bytes'])} of {_kb(size['quantized_layers_fp32_bytes'])} "
+                  f"FP32 (1/{1 / size['quantized_layers_ratio']:.1f}); whole file: {_kb(size['file_bytes'])} of "
+                  f"{_kb(size['fp32_checkpoint_bytes'])} FP32 (1/{1 / size['file_ratio']:.2f})", highlight=False)
+
+
+@app.command(epilog="Example: squat export runs/stsb/squat-w2a8/seed1 --format packed")
+def export(
+    run: Path = typer.Argument(..., metavar="RUN", help="A finished quantized run folder."),
+    format_: str = typer.Option("packed", "--format", "-f", help="packed (safetensors of packed integer codes + "
+                                "manifest) or onnx (QDQ graph for onnxruntime)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Export folder (default RUN/export/<format>)."),
+) -> None:
+    """Write a run as a real low-bit model: packed 2/3/4/8-bit codes, or an ONNX graph."""
+    if format_ not in FORMATS:
+        _fail(f"--format: {format_!r} is not one of {', '.join(FORMATS)}")
+    if format_ == "packed":
+        from squat_cli.export.packed import export_packed
+
+        manifest = _run(export_packed, run, to)
+        print_size_report(manifest)
+        where = to or run / "export" / "packed"
+    else:
+        from squat_cli.export.onnx import export_onnx
+
+        manifest = _run(export_onnx, run, to)
+        console.print(f"ONNX graph: {manifest['size']['file_bytes'] / 1024:,.1f} KiB "
+                      f"({manifest['weight_type']} weights, opset {manifest['opset']})", highlight=False)
+        where = to or run / "export" / "onnx"
+    console.print(f"export folder: {where}", highlight=False)
+
+
+@app.command(epilog="Example: squat evaluate runs/stsb/squat-w2a8/seed1/export/packed --data-dir glue/")
+def evaluate(
+    path: Path = typer.Argument(..., metavar="PATH", help="A packed export folder, an ONNX file or folder, or a run folder."),
+    data_dir: Optional[Path] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics file (default <folder>/eval_metrics.json)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (default: the run's; ONNX: fp32)."),
+) -> None:
+    """Score an exported model (or a run) on its task's dev sets, as the run itself was scored."""
+    from squat_cli.evaluation import evaluate_path
+    from squat_cli.glue import get_task
+
+    res = _run(evaluate_path, path, str(data_dir) if data_dir else None, out, precision)
+    m, ref = res.metrics, res.reference or {}
+    task = get_task(m["task"])
+    table = Table(title=f"evaluate ({m['format']}, {m['precision']})")
+    table.add_column("metric")
+    table.add_column("this model", justify="right")
+    table.add_column("the run", justify="right")
+    for key in (*task.metric_names(), "eval_loss"):
+        scale = 1 if key == "eval_loss" else 100
+        mine = f"{scale * m[key]:.4f}" if key == "eval_loss" else f"{scale * m[key]:.2f}"
+        theirs = ref.get(key)
+        table.add_row(key, mine, "" if theirs is None else (f"{theirs:.4f}" if key == "eval_loss" else f"{100 * theirs:.2f}"))
+    console.print(table)
+    console.print(f"metrics: {res.written}", highlight=False)

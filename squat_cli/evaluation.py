@@ -1,0 +1,109 @@
+"""``squat evaluate``: score a run folder, a packed export or an ONNX export on its task's dev sets.
+
+The dev data, sequence length, batch size and precision are the run's own
+(from its recipe, or from the export's manifest), so a packed export of a run
+gives the run's dev metrics exactly; ``--data-dir`` only says where the GLUE
+files are. Metrics are written in the layout of the run's ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from squat_cli.data import encode, load_split, resolve_data_dir, subset
+from squat_cli.errors import RunError
+from squat_cli.glue import get_task
+from squat_cli.runs import RunDir, write_json
+from squat_cli.train.loop import evaluate
+
+EVAL_FILE = "eval_metrics.json"
+
+
+@dataclass
+class Scored:
+    metrics: dict[str, Any]
+    written: Path
+    reference: Optional[dict[str, Any]]
+    """The source run's dev metrics (None when unknown)."""
+
+
+def detect(path: Path) -> str:
+    """``onnx``, ``packed`` or ``run``; a path that is none of them is refused."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".onnx" or path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "packed"
+    if path.is_dir() and ((path / "recipe.yaml").is_file() or (path / "metrics.json").is_file()):
+        return "run"
+    if not path.exists():
+        raise RunError(f"no such file or folder: {path}")
+    raise RunError(f"{path}: not a run folder, a packed export (manifest.json) or an ONNX export (.onnx)")
+
+
+def _autocast(precision: str) -> Callable:
+    if precision == "bf16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _dev_sets(task_name: str, data: dict[str, Any], tokenizer, data_dir: Optional[str]):
+    task = get_task(task_name)
+    source_dir = resolve_data_dir(data_dir or data.get("data_dir"), data.get("fallback", "none"), task)
+    dev = {}
+    for split in task.dev_splits:
+        ex = subset(load_split(task, split, source_dir, data.get("source", "auto")), data.get("eval_subset"), None)
+        dev[split] = encode(ex, tokenizer, int(data["max_seq_length"]), task.is_regression)
+    return task, dev
+
+
+def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path] = None,
+                  precision: Optional[str] = None) -> Scored:
+    """Load what ``path`` holds, score it on the dev sets, write the metrics (default ``<folder>/eval_metrics.json``).
+
+    ``precision`` (``fp32`` or ``bf16``) overrides the run's evaluation precision; ONNX graphs run in FP32."""
+    if precision not in (None, "fp32", "bf16"):
+        raise RunError(f"--precision: {precision!r} is not one of fp32, bf16")
+    path = Path(path)
+    kind = detect(path)
+    if kind == "run":
+        from squat_cli.jobs import load_run_model
+
+        run = RunDir(path)
+        if run.is_failed():
+            raise RunError(f"{path} is a failed run (FAILED.json)")
+        model, tokenizer, recipe, _ = load_run_model(run)
+        settings = {"task": recipe.data.task, "data": asdict(recipe.data), "precision": recipe.train.precision,
+                    "eval_batch_size": recipe.train.eval_batch_size}
+        reference = run.metrics()
+        folder = path
+    elif kind == "packed":
+        from squat_cli.export.loader import load_packed
+
+        model, tokenizer, manifest = load_packed(path)
+        settings = manifest["source_run"]
+        reference = settings.get("dev_metrics")
+        folder = path
+    else:
+        from squat_cli.export.onnx import load_onnx
+
+        model, tokenizer, manifest = load_onnx(path)
+        settings = {**manifest["source_run"], "precision": "fp32"}
+        reference = manifest["source_run"].get("dev_metrics")
+        folder = path if path.is_dir() else path.parent
+    if precision is not None and kind != "onnx":
+        settings = {**settings, "precision": precision}
+    task, dev = _dev_sets(settings["task"], settings["data"], tokenizer, data_dir)
+    m = evaluate(model, task, dev, int(settings["eval_batch_size"]), tokenizer.pad_token_id, torch.device("cpu"),
+                 _autocast(settings["precision"]))
+    metrics = {"task": task.name, **{k: m[k] for k in task.metric_names()}, "main_metric": task.main_metric,
+               "eval_loss": m["eval_loss"], "dev_sizes": {s: len(e) for s, e in dev.items()},
+               "evaluated": str(path), "format": kind, "precision": settings["precision"]}
+    written = Path(out) if out is not None else folder / EVAL_FILE
+    write_json(written, metrics)
+    return Scored(metrics, written, reference)

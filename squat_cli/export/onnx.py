@@ -1,0 +1,288 @@
+"""``squat export --format onnx``: a QDQ graph that onnxruntime runs, and its evaluation.
+
+Each quantized linear layer becomes ``QuantizeLinear -> DequantizeLinear`` on
+its 8-bit input (scale = the learned activation step, zero point 0, int8) and
+``DequantizeLinear`` on its weight, whose integer codes are stored as an int8
+initializer, or int4 (opset 21) when the layer has at most 4 bits: 2- and
+3-bit codes take 4 bits each there (no smaller ONNX integer type), so a W2
+graph's weights are twice the size of the packed export's. The weight is
+stored transposed (``K x C``) so that ``DequantizeLinear`` feeds ``MatMul``
+directly, the pattern onnxruntime fuses into its integer kernels.
+
+Only uniform symmetric grids have an exact QDQ form: LSQ, SQuAT, joint, PTQ
+and Q8BERT export; GOBO (a codebook) and Q-BERT (asymmetric row groups with
+real-valued minima) do not, and are refused with a pointer to the packed
+format. Activations must be 8-bit (or not quantized).
+
+Numerics: the graph runs in FP32 while a bf16 run was evaluated under bf16
+autocast, and onnxruntime's kernels sum in another order; Q8BERT's activations
+clip at -128 in ONNX's int8 where the training grid stops at -127. The dev
+metric therefore matches the run's within a tolerance (``squat evaluate``
+prints both), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from squat_cli.errors import RunError
+from squat_cli.export.codes import ExportError, encode_weight
+from squat_cli.export.packed import _check_exportable, _run_facts, sha256
+from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
+from squat_cli.runs import RunDir, atomic_dir, write_json
+
+FORMAT = "squat-onnx"
+FORMAT_VERSION = 1
+OPSET = 21
+MODEL_FILE = "model.onnx"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _need_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise RunError("ONNX export and evaluation need onnx and onnxruntime: pip install 'squat[onnx]'") from None
+    return onnx, onnxruntime
+
+
+def _options(ort):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    return opts
+
+
+class _QdqLinear(nn.Module):
+    """What the exporter traces: fake-quant input (-> Q/DQ), fake-quant transposed weight (-> Q/DQ, folded later)."""
+
+    def __init__(self, layer: QuantLinear, scale: torch.Tensor):
+        super().__init__()
+        w = layer.wq(layer.weight.detach().float()).detach()
+        self.weight_t = nn.Parameter(w.t().contiguous(), requires_grad=False)  # (K, C)
+        self.bias = layer.bias
+        self.per_channel = scale.numel() > 1
+        self.register_buffer("w_scale", scale.detach().float().reshape(-1).clone())
+        self.act_scale: Optional[float] = None
+        aq = layer.aq
+        if isinstance(aq, LsqQuantizer):
+            self.act_scale = float(aq.step.detach().float().reshape(()))
+        elif isinstance(aq, MaxQuantizer):
+            self.act_scale = float((aq.running_max.float() / aq.qp).clamp_min(1e-8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None:
+            x = torch.fake_quantize_per_tensor_affine(x, self.act_scale, 0, -128, 127)
+        if self.per_channel:
+            zp = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(self.weight_t, self.w_scale, zp, 1, -128, 127)
+        else:
+            w = torch.fake_quantize_per_tensor_affine(self.weight_t, float(self.w_scale[0]), 0, -128, 127)
+        out = x @ w
+        return out + self.bias if self.bias is not None else out
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.names, args))).logits
+
+
+def _check_layer(name: str, layer: nn.Module) -> torch.Tensor:
+    """The layer's weight scale; refuses what has no exact QDQ form."""
+    if isinstance(layer, QuantEmbedding):
+        raise ExportError(f"{name}: quantized word embeddings have no QDQ form here; use --format packed")
+    _, desc = encode_weight(name, layer)
+    if desc["kind"] != "uniform":
+        raise ExportError(f"{name}: a {desc['kind']} weight (GOBO or Q-BERT) has no exact ONNX QDQ form; "
+                          "use --format packed")
+    aq = layer.aq
+    if aq is not None and bool(getattr(aq, "initialized", True)):
+        if not isinstance(aq, (LsqQuantizer, MaxQuantizer)) or aq.bits != 8:
+            raise ExportError(f"{name}: ONNX export needs 8-bit symmetric activations (or none)")
+    wq = layer.wq
+    if isinstance(wq, LsqQuantizer):
+        return wq.step.detach().float()
+    return (layer.weight.detach().float().abs().max() / wq.qp).clamp_min(1e-8).reshape(1)
+
+
+def _raw(codes: np.ndarray, dtype: int) -> bytes:
+    """Raw ONNX bytes: int8 one per byte; int4 two per byte, the first element in the low nibble (ONNX's layout)."""
+    import onnx
+
+    flat = codes.reshape(-1).astype(np.int8)
+    if dtype == onnx.TensorProto.INT8:
+        return flat.tobytes()
+    nib = (flat.astype(np.uint8) & 0x0F)
+    if nib.size % 2:
+        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _fold_weight_quantizers(graph, weight_bits: dict[str, int]) -> int:
+    """Replace every ``QuantizeLinear(initializer)`` by its integer codes (int8, or int4 for <= 4 bits); bytes stored."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(consts[name].attribute[0].t)
+
+    stored = 0
+    drop = []
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        wname = node.input[0]
+        w, scale = value(wname).astype(np.float32), value(node.input[1]).astype(np.float32)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        s = scale.reshape([-1 if d == axis % w.ndim else 1 for d in range(w.ndim)]) if scale.ndim else scale
+        codes = np.clip(np.rint(w / s), -128, 127).astype(np.int8)
+        bits = weight_bits.get(wname, 8)
+        dtype = onnx.TensorProto.INT4 if bits <= 4 else onnx.TensorProto.INT8
+        qname, zname = f"{wname}.codes", f"{wname}.zero_point"
+        zshape = list(scale.shape)
+        graph.initializer.append(helper.make_tensor(qname, dtype, codes.shape, _raw(codes, dtype), raw=True))
+        graph.initializer.append(helper.make_tensor(zname, dtype, zshape, _raw(np.zeros(zshape, np.int8), dtype),
+                                                    raw=True))
+        stored += (codes.size + 1) // 2 if dtype == onnx.TensorProto.INT4 else codes.size
+        for user in graph.node:
+            if user.op_type == "DequantizeLinear" and user.input[0] == node.output[0]:
+                user.input[0] = qname
+                user.input[2] = zname
+        drop.append(node)
+        graph.initializer.remove(inits[wname])
+    for node in drop:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)  # the float zero points and scales only the removed nodes read
+    return stored
+
+
+def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional[str] = None) -> dict[str, Any]:
+    """Write ``<to>/model.onnx`` (default ``<run>/export/onnx``) with tokenizer, config and manifest."""
+    onnx, ort = _need_onnx()
+    from squat_cli.jobs import load_run_model
+
+    if weight_type not in (None, "int8", "int4"):
+        raise RunError(f"weight type {weight_type!r} is not int8 or int4")
+    run = RunDir(Path(run_path))
+    _check_exportable(run)
+    model, tokenizer, recipe, task = load_run_model(run)
+    layers = quant_layers(model)
+    if not layers:
+        raise RunError(f"{run.path}: a full-precision run has no quantized layers to export")
+    try:
+        scales = {name: _check_layer(name, layer) for name, layer in layers}
+    except ExportError as exc:
+        raise RunError(f"{run.path}: {exc}") from None
+    traced = copy.deepcopy(model).float().eval()
+    if hasattr(traced.config, "_attn_implementation"):
+        traced.config._attn_implementation = "eager"  # exports everywhere; same function as SDPA
+    weight_bits = {}
+    for name, _ in layers:
+        layer = traced.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(traced.get_submodule(parent) if parent else traced, child, _QdqLinear(layer, scales[name]))
+        bits = layer.wq.bits
+        weight_bits[f"model.{name}.weight_t"] = 8 if weight_type == "int8" else (4 if weight_type == "int4" else bits)
+    sample = tokenizer(["a first sentence", "a second one"], ["and its pair", "b"], return_tensors="pt", padding=True)
+    names = tuple(n for n in INPUTS if n in sample)
+    wrapper = _Logits(traced, names)
+    out = Path(to) if to is not None else run.path / "export" / "onnx"
+    with atomic_dir(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(sample[n] for n in names), str(tmp / MODEL_FILE), dynamo=False,
+                              opset_version=OPSET, input_names=list(names), output_names=["logits"],
+                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
+        graph_model = onnx.load(str(tmp / MODEL_FILE))
+        weight_bytes = _fold_weight_quantizers(graph_model.graph, weight_bits)
+        onnx.checker.check_model(graph_model)
+        onnx.save(graph_model, str(tmp / MODEL_FILE))
+        session = ort.InferenceSession(str(tmp / MODEL_FILE), _options(ort), providers=["CPUExecutionProvider"])
+        session.run(None, {n: sample[n].numpy() for n in names})  # it runs
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        types = sorted({"int4" if b <= 4 else "int8" for b in weight_bits.values()})
+        facts = _run_facts(run, recipe)
+        facts["dev_metrics"] = {k: run.metrics()[k] for k in (*task.metric_names(), "eval_loss") if k in run.metrics()}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "opset": OPSET,
+                    "sha256": sha256(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
+                    "source_run": facts,
+                    "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+class OrtModel(nn.Module):
+    """An onnxruntime session behind the ``model(**batch)`` interface (``.logits``, and ``.loss`` given labels)."""
+
+    def __init__(self, session, inputs: list[str], regression: bool):
+        super().__init__()
+        self.session = session
+        self.inputs = inputs
+        self.regression = regression
+
+    def forward(self, labels: Optional[torch.Tensor] = None, **batch):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        feed = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.inputs}
+        logits = torch.from_numpy(self.session.run(["logits"], feed)[0])
+        loss = None
+        if labels is not None:
+            if self.regression:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_onnx(path: Path, threads: Optional[int] = None):
+    """(model-like runner, tokenizer, manifest) of an ONNX export folder or its ``model.onnx``."""
+    import json
+
+    _, ort = _need_onnx()
+    from squat_cli.glue import get_task
+    from squat_cli.models import load_tokenizer
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{folder / 'manifest.json'}: missing (export with squat export --format onnx)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RunError(f"{folder / 'manifest.json'}: damaged (not JSON)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RunError(f"{folder / 'manifest.json'}: not a {FORMAT} manifest")
+    model_file = path if path.is_file() else folder / MODEL_FILE
+    if sha256(model_file) != manifest.get("sha256"):
+        raise RunError(f"{model_file}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
+    opts = _options(ort)
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RunError(f"{model_file}: onnxruntime cannot load it ({type(exc).__name__})") from None
+    task = get_task(manifest["source_run"]["task"])
+    return OrtModel(session, manifest["inputs"], task.is_regression), load_tokenizer(str(folder)), manifest

@@ -1,0 +1,231 @@
+"""`squat export` and `squat evaluate` end to end on tiny BERT runs: exact packed round trips, ONNX, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from squat_cli.cli import app
+from squat_cli.export import load_packed
+from squat_cli.jobs import load_run_model, load_task_data
+from squat_cli.runs import RunDir
+
+runner = CliRunner()
+FAST = ["--set", "data.train_subset=48", "--set", "data.eval_subset=40", "--set", "train.batch_size=16",
+        "--set", "train.max_steps=3", "--set", "quant.calib_batches=1"]
+METHODS = {
+    "squat-w2a8": ["--method", "squat", "--wbits", "2", "--rho", "0.05", "--set", "train.precision=bf16"],
+    "squat-w3a8": ["--method", "squat", "--wbits", "3", "--rho", "0.05"],
+    "squat-w4a8": ["--method", "squat", "--wbits", "4", "--set", "quant.per_channel=true"],
+    "q8bert-w8a8": ["--method", "q8bert", "--wbits", "8"],
+    "ptq-w4a8": ["--method", "ptq", "--wbits", "4"],
+    "gobo-w2a32": ["--method", "gobo", "--wbits", "2"],  # word embeddings too (2-bit codebook)
+    "qbert-w3a8": ["--method", "qbert", "--wbits", "3", "--set", "quant.qbert_groups=16"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, glue_dir, tiny_bert):
+    root = tmp_path_factory.mktemp("xruns")
+    common = ["--task", "rte", "--data-dir", str(glue_dir), "--out", str(root), *FAST]
+    res = runner.invoke(app, ["finetune", "--model", str(tiny_bert), *common, "--set", "train.eval_strategy=end"])
+    assert res.exit_code == 0, res.output
+    for args in METHODS.values():
+        res = runner.invoke(app, ["quantize", *common, *args])
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def _run(runs, variant):
+    return runs / "rte" / variant / "seed42"
+
+
+def _logits(model, batches, autocast=None):
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out.append(model(**b).logits.float())
+            else:
+                out.append(model(**b).logits.float())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("variant", list(METHODS))
+def test_packed_export_reproduces_the_run_exactly(runs, glue_dir, tmp_path, variant):
+    run = _run(runs, variant)
+    res = runner.invoke(app, ["export", str(run), "--to", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    assert "quantized layers:" in res.output and "whole file:" in res.output
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["format"] == "squat-packed" and manifest["format_version"] == 1
+    assert set(p.name for p in (tmp_path / "x").iterdir()) >= {"model.safetensors", "manifest.json", "config.json"}
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "x"), "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "x" / "eval_metrics.json").read_text())
+    want = RunDir(run).metrics()
+    assert (got["accuracy"], got["eval_loss"]) == (want["accuracy"], want["eval_loss"])  # exactly
+    assert got["dev_sizes"] == want["dev_sizes"] and got["format"] == "packed"
+    # equal logits: the exported model against the fake-quant run model, on real dev examples
+    fq, tok, recipe, task = load_run_model(RunDir(run))
+    ex, _, _ = load_packed(tmp_path / "x")
+    data = load_task_data(recipe, tok, need_train=False)
+    from squat_cli.data import eval_loader
+
+    loader, _ = eval_loader(next(iter(data.dev.values())), 16, tok.pad_token_id)
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+    bf16 = recipe.train.precision == "bf16"
+    assert torch.equal(_logits(ex, batches, bf16), _logits(fq, batches, bf16))
+    # the loader gives a plain transformers model: the quantized layers are nn.Linear with the decoded weight
+    q = ex.bert.encoder.layer[0].attention.self.query
+    assert isinstance(q, torch.nn.Linear) and torch.equal(q.weight, fq.bert.encoder.layer[0].attention.self.query.wq(
+        fq.bert.encoder.layer[0].attention.self.query.weight))
+    bits = manifest["layers"]["bert.encoder.layer.0.attention.self.query"]["bits"]
+    assert bits == int(variant.split("-w")[1].split("a")[0])
+
+
+def test_size_report_by_hand(runs, tmp_path):
+    res = runner.invoke(app, ["export", str(_run(runs, "squat-w2a8")), "--to", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    size = json.loads((tmp_path / "x" / "manifest.json").read_text())["size"]
+    row = size["quantized_layers"]["bert.encoder.layer.0.attention.self.query"]
+    # 32x32 at 2 bits = 256 bytes of codes, + weight step 4 + activation step 4 + FP32 bias 128
+    assert row == {"bytes": 256 + 4 + 4 + 128, "fp32_bytes": 32 * 32 * 4 + 128, "ratio": round(392 / 4224, 5)}
+    ffn = size["quantized_layers"]["bert.encoder.layer.0.intermediate.dense"]  # 64x32
+    assert ffn["bytes"] == 64 * 32 // 4 + 8 + 64 * 4
+    assert size["file_bytes"] == (tmp_path / "x" / "model.safetensors").stat().st_size
+    assert size["quantized_layers_bytes"] == sum(r["bytes"] for r in size["quantized_layers"].values())
+
+
+def test_gobo_export_keeps_outliers_and_shrinks_the_embeddings(runs, tmp_path):
+    res = runner.invoke(app, ["export", str(_run(runs, "gobo-w2a32")), "--to", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    emb = m["layers"]["bert.embeddings.word_embeddings"]
+    assert emb["kind"] == "codebook" and emb["bits"] == 2 and emb["input"] is None
+    shares = RunDir(_run(runs, "gobo-w2a32")).metrics()["gobo_outlier_share"]  # as the run counted them
+    for name, layer in m["layers"].items():
+        n = layer["shape"][0] * layer["shape"][1]
+        assert layer["outliers"] == pytest.approx(shares[name] * n, abs=1e-6 * n)
+    assert sum(v["outliers"] for v in m["layers"].values()) > 0
+    assert m["size"]["file_ratio"] < 0.15  # the 30522 x 32 word embeddings dominate the tiny model
+
+
+def test_python_loader_example(runs, tmp_path):
+    assert runner.invoke(app, ["export", str(_run(runs, "squat-w4a8")), "--to", str(tmp_path / "x")]).exit_code == 0
+    model, tokenizer, manifest = load_packed(tmp_path / "x")
+    logits = model(**tokenizer("A man plays.", "A man is playing.", return_tensors="pt")).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+    assert type(model).__name__ == "BertForSequenceClassification" and not model.training
+
+
+def test_evaluate_a_run_folder_matches_its_metrics(runs, glue_dir):
+    run = _run(runs, "q8bert-w8a8")
+    res = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(glue_dir), "--out", str(run.parent / "e.json")])
+    assert res.exit_code == 0, res.output
+    got, want = json.loads((run.parent / "e.json").read_text()), RunDir(run).metrics()
+    assert (got["accuracy"], got["eval_loss"]) == (want["accuracy"], want["eval_loss"])
+
+
+@pytest.mark.parametrize("variant", ["squat-w2a8", "squat-w4a8", "q8bert-w8a8"])
+def test_onnx_export_runs_in_onnxruntime_within_tolerance(runs, glue_dir, tmp_path, variant):
+    onnx = pytest.importorskip("onnx")
+    run = _run(runs, variant)
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--to", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".codes")]
+    assert len(weight_dq) == 12
+    for dq in weight_dq:  # each feeds a MatMul whose other input is a quantized activation: Q -> DQ -> MatMul <- DQ
+        mm = [n for n in graph.node if n.op_type == "MatMul" and dq.output[0] in n.input]
+        assert len(mm) == 1 and mm[0].input[1] == dq.output[0]
+        act = producer[mm[0].input[0]]
+        assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "QuantizeLinear"
+    codes = [i for i in graph.initializer if i.name.endswith(".codes")]
+    want_type = onnx.TensorProto.INT8 if variant.startswith("q8bert") else onnx.TensorProto.INT4
+    assert len(codes) == 12 and {c.data_type for c in codes} == {want_type}
+    assert not [i for i in graph.initializer if i.name.endswith("weight_t")]  # no FP32 copy of the weights left
+    # scored with onnxruntime against the same model evaluated by torch in FP32
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "o"), "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "o" / "eval_metrics.json").read_text())
+    res = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(glue_dir), "--precision", "fp32",
+                              "--out", str(tmp_path / "fp32.json")])
+    ref = json.loads((tmp_path / "fp32.json").read_text())
+    assert got["format"] == "onnx" and got["precision"] == "fp32"
+    assert abs(got["accuracy"] - ref["accuracy"]) <= 1 / 40 + 1e-9  # at most one of the 40 dev examples flips
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=2e-3)
+
+
+@pytest.mark.parametrize("variant,why", [("gobo-w2a32", "have no QDQ form"), ("qbert-w3a8", "have no QDQ form")])
+def test_onnx_refuses_what_has_no_qdq_form(runs, tmp_path, variant, why):
+    pytest.importorskip("onnx")
+    res = runner.invoke(app, ["export", str(_run(runs, variant)), "--format", "onnx", "--to", str(tmp_path / "o")])
+    assert res.exit_code == 2 and why in res.output and "--format packed" in res.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def _one_line_error(res, message):
+    out = res.output.strip()
+    assert res.exit_code == 2, res.output
+    assert len(out.splitlines()) == 1 and message in out and "Traceback" not in out, out
+
+
+def test_bad_exports(runs, tmp_path):
+    src = _run(runs, "squat-w3a8")
+    unfinished = tmp_path / "rte" / "lsq-w2a8" / "seed1"
+    shutil.copytree(src, unfinished)
+    (unfinished / "metrics.json").unlink()
+    _one_line_error(runner.invoke(app, ["export", str(unfinished)]), "is not a finished run (no metrics.json)")
+    (unfinished / "FAILED.json").write_text("{}")
+    _one_line_error(runner.invoke(app, ["export", str(unfinished)]), "is a failed run")
+    damaged = tmp_path / "rte" / "lsq-w2a8" / "seed2"
+    shutil.copytree(src, damaged)
+    (damaged / "metrics.json").write_text("{not json")
+    _one_line_error(runner.invoke(app, ["export", str(damaged)]), "damaged (not JSON)")
+    nomodel = tmp_path / "rte" / "lsq-w2a8" / "seed3"
+    shutil.copytree(src, nomodel)
+    shutil.rmtree(nomodel / "model")
+    _one_line_error(runner.invoke(app, ["export", str(nomodel)]), "has no saved model")
+    _one_line_error(runner.invoke(app, ["export", str(src), "--format", "zip"]), "--format: 'zip' is not one of packed, onnx")
+    _one_line_error(runner.invoke(app, ["export", str(runs / "rte" / "fp" / "seed42")]), "a full-precision run")
+    assert not list(tmp_path.rglob("export"))  # nothing written by any of them
+
+
+def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):
+    good = tmp_path / "good"
+    assert runner.invoke(app, ["export", str(_run(runs, "squat-w2a8")), "--to", str(good)]).exit_code == 0
+
+    def variant(name, change):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        change(d)
+        return runner.invoke(app, ["evaluate", str(d), "--data-dir", str(glue_dir)])
+
+    def flip_byte(d):
+        data = bytearray((d / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (d / "model.safetensors").write_bytes(bytes(data))
+
+    def edit_manifest(fn):
+        def change(d):
+            m = json.loads((d / "manifest.json").read_text())
+            fn(m)
+            (d / "manifest.json").write_text(json.dumps(m))
+        return change
+
+    _one_line_error(variant("flip", flip_byte), "SHA-256 differs from the manifest's")
+    _one_line_error(variant("trunc", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10)), "SHA-256 differs")
+    _one_line_error(variant("bits", edit_manifest(
+        lambda m: m["layers"]["bert.encoder.layer.0.output.dense"].update(bits=3))), "expected uint8")
+    _one_line_error(variant("kind", edit_manifest(
+        lambda m: m["layers"]["bert.encoder.layer.0.output.dense"].update(kind="magic"))), "unknown weight kind 'magic'")
+    _one_line_error(variant("ver", edit_manifest(lambda m: m.update(format_version=99))), "format version 99 is newer")
+    _one_line_error(variant("json", lambda d: (d / "manifest.json").write_text("{")), "damaged (not JSON)")
+    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nothing")]), "no such file or folder")
+    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a run folder, a packed export")
+    _one_line_error(runner.invoke(app, ["evaluate", str(good), "--precision", "fp16"]), "--precision: 'fp16'")
