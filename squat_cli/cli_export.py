@@ -40,10 +40,14 @@ def export(
     format_: str = typer.Option("packed", "--format", "-f", help="packed (safetensors of packed integer codes + "
                                 "manifest) or onnx (QDQ graph for onnxruntime)."),
     to: Optional[Path] = typer.Option(None, "--to", help="Export folder (default RUN/export/<format>)."),
+    weight_type: Optional[str] = typer.Option(None, "--weight-type", help="onnx: int8 or int4 weight codes "
+                                              "(default int4 for <= 4-bit runs, else int8)."),
 ) -> None:
     """Write a run as a real low-bit model: packed 2/3/4/8-bit codes, or an ONNX graph."""
     if format_ not in FORMATS:
         _fail(f"--format: {format_!r} is not one of {', '.join(FORMATS)}")
+    if weight_type is not None and (format_ != "onnx" or weight_type not in ("int8", "int4")):
+        _fail(f"--weight-type: {weight_type!r} needs --format onnx and one of int8, int4")
     if format_ == "packed":
         from squat_cli.export.packed import export_packed
 
@@ -53,7 +57,7 @@ def export(
     else:
         from squat_cli.export.onnx import export_onnx
 
-        manifest = _run(export_onnx, run, to)
+        manifest = _run(export_onnx, run, to, weight_type)
         console.print(f"ONNX graph: {manifest['size']['file_bytes'] / 1024:,.1f} KiB "
                       f"({manifest['weight_type']} weights, opset {manifest['opset']})", highlight=False)
         where = to or run / "export" / "onnx"

@@ -78,3 +78,25 @@ def test_gobo_w3_keeps_most_of_the_fp_accuracy_and_qbert_mixed_runs(fp_run, glue
                                             "quant.hessian_subsets": 2, "quant.hessian_examples": 16,
                                             "quant.hessian_iters": 5})
     assert sorted(v["bits"] for v in q["layer_bits"].values()) == [2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("wbits,goal", [(2, 1 / 14), (3, 1 / 9), (4, 1 / 7)])
+def test_export_meets_the_size_goals_and_reproduces_the_run(fp_run, glue_dir, tmp_path, wbits, goal):
+    """all-MiniLM-L6-v2 after a short SQuAT run: the packed quantized layers (codes, steps, FP32 biases) take at most
+    1/14 (W2) / 1/7 (W4) of their FP32 bytes, and the export scores exactly the run's dev metrics."""
+    from squat_cli.evaluation import evaluate_path
+    from squat_cli.export.packed import export_packed
+    from squat_cli.runs import RunDir
+
+    root, _ = fp_run
+    extra = {"train.max_steps": 2, "data.eval_subset": 128, "sam.rho": 0.01}
+    m = _qat(root, glue_dir, "squat", wbits, **extra)
+    run = RunDir.for_run(root, "sst2", f"squat-w{wbits}a8", 42)
+    manifest = export_packed(run.path, tmp_path / "x")
+    size = manifest["size"]
+    assert len(size["quantized_layers"]) == 36
+    assert size["quantized_layers_ratio"] <= goal
+    assert max(r["ratio"] for r in size["quantized_layers"].values()) <= goal
+    assert size["file_ratio"] < 0.6  # the FP32 word embeddings (30522 x 384) are most of what is left
+    got = evaluate_path(tmp_path / "x", str(glue_dir)).metrics
+    assert (got["accuracy"], got["eval_loss"]) == (m["accuracy"], m["eval_loss"])

@@ -183,7 +183,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
     from squat_cli.jobs import load_run_model
 
     if weight_type not in (None, "int8", "int4"):
-        raise RunError(f"weight type {weight_type!r} is not int8 or int4")
+        raise RunError(f"--weight-type: {weight_type!r} is not one of int8, int4")
     run = RunDir(Path(run_path))
     _check_exportable(run)
     model, tokenizer, recipe, task = load_run_model(run)

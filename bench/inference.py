@@ -1,0 +1,252 @@
+"""Inference latency and peak memory: FP32 torch, the packed export (torch), FP32 ONNX and the QDQ ONNX exports.
+
+    python bench/inference.py --run runs/stsb/squat-w2a8/seed1 [--fp runs/stsb/fp/seed1] [--threads 2]
+                              [--rounds 20] [--data-dir DIR] [--no-metric] [--out bench/RESULTS-inference.md]
+
+Models (all from the same run, exported into a temporary folder first):
+
+* ``fp32-torch``: the FP run the quantized run started from (eager PyTorch, FP32);
+* ``packed-torch``: ``squat export --format packed`` loaded with ``load_packed`` (decoded FP32 weights, activations
+  fake-quantized as in training, FP32);
+* ``fp32-onnx``: the FP model exported to ONNX, under onnxruntime (what onnxruntime alone gives);
+* ``qdq-int8-onnx``: ``squat export --format onnx --weight-type int8``: int8 activations and int8 weight codes,
+  the pattern onnxruntime fuses into its integer kernels;
+* ``qdq-int4-onnx``: the same graph with the codes stored as int4 (the default for <= 4-bit runs).
+
+Batches are real dev examples of the run's task: batch 1 (the first example) and batch 32 (the first 32, padded to
+the longest). Each model runs in its own process (so peak memory is its own): load, warm up, then ``--rounds``
+timed calls per batch size; the median is reported. Peak memory is the process's maximum resident set size (VmHWM), and
+beside it the same process's peak right after imports (the model's share is the difference). With ``--metric``
+(default) each model is also scored on the full dev set with ``squat evaluate``'s code (ONNX in FP32; torch models
+in the run's precision for the packed export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KINDS = ("fp32-torch", "packed-torch", "fp32-onnx", "qdq-int8-onnx", "qdq-int4-onnx")
+
+
+def _rss_mib() -> float:
+    """Peak resident set size of this process (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batches(tokenizer, task_name: str, data_dir: str | None):
+    from squat_cli.data import load_split, resolve_data_dir
+    from squat_cli.glue import get_task
+
+    task = get_task(task_name)
+    ex = load_split(task, task.dev_splits[0], resolve_data_dir(data_dir, "embedded", task))
+    pairs = ex.text_b is not None
+
+    def enc(n):
+        a = ex.text_a[:n]
+        return dict(tokenizer(a, ex.text_b[:n] if pairs else None, padding=True, truncation=True, max_length=128,
+                              return_tensors="np"))
+    return {1: enc(1), 32: enc(32)}
+
+
+def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data_dir: str | None, metric: bool) -> dict:
+    """Runs inside the child process: load one model, time it, optionally score it."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from squat_cli.models import load_tokenizer
+
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    if kind.endswith("onnx"):
+        from squat_cli.export.onnx import load_onnx
+
+        if kind == "fp32-onnx":
+            import onnxruntime as ort
+
+            from squat_cli.export.onnx import OrtModel, _options
+            from squat_cli.glue import get_task
+
+            opts = _options(ort)
+            opts.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(Path(path) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            inputs = [i.name for i in session.get_inputs()]
+            model, tok = OrtModel(session, inputs, get_task(task).is_regression), load_tokenizer(path)
+        else:
+            model, tok, _ = load_onnx(Path(path), threads=threads)
+        call = lambda b: model(**{k: torch.from_numpy(v) for k, v in b.items()}).logits  # noqa: E731
+    else:
+        if kind == "packed-torch":
+            from squat_cli.export import load_packed
+
+            model, tok, _ = load_packed(path)
+        else:
+            from squat_cli.glue import get_task
+            from squat_cli.models import load_model
+
+            model, tok = load_model(path, get_task(task)).eval(), load_tokenizer(path)
+
+        def call(b):
+            with torch.inference_mode():
+                return model(**{k: torch.from_numpy(v) for k, v in b.items()}).logits
+    load_s = time.perf_counter() - t0
+    out = {"kind": kind, "load_s": round(load_s, 2), "rss_after_imports_mib": round(base, 1)}
+    for bs, batch in _batches(tok, task, data_dir).items():
+        for _ in range(3):
+            call(batch)
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            call(batch)
+            times.append(time.perf_counter() - t)
+        out[f"ms_b{bs}"] = round(1000 * statistics.median(times), 2)
+        out[f"seq_b{bs}"] = int(np.asarray(batch["input_ids"]).shape[1])
+    out["peak_rss_mib"] = round(_rss_mib(), 1)
+    if metric:
+        from squat_cli.evaluation import evaluate_path
+
+        if kind == "fp32-torch" or kind == "fp32-onnx":
+            out["metric"] = None  # filled from the FP run by the parent
+        else:
+            out["metric"] = evaluate_path(Path(path), data_dir, Path(tempfile.mkdtemp()) / "m.json").metrics
+    return out
+
+
+def _export_all(run: Path, fp: Path, tmp: Path) -> dict[str, str]:
+    import torch
+
+    from squat_cli.export.onnx import export_onnx
+    from squat_cli.export.packed import export_packed
+    from squat_cli.glue import get_task
+    from squat_cli.models import load_model, load_tokenizer
+    from squat_cli.runs import RunDir
+
+    paths = {"fp32-torch": str(fp / "model"), "packed-torch": str(tmp / "packed"), "fp32-onnx": str(tmp / "fp-onnx"),
+             "qdq-int8-onnx": str(tmp / "int8"), "qdq-int4-onnx": str(tmp / "int4")}
+    export_packed(run, tmp / "packed")
+    export_onnx(run, tmp / "int8", weight_type="int8")
+    export_onnx(run, tmp / "int4", weight_type="int4")
+    task = get_task(RunDir(fp).metrics()["task"])
+    model = load_model(str(fp / "model"), task).eval()
+    model.config._attn_implementation = "eager"
+    tok = load_tokenizer(str(fp / "model"))
+    sample = tok(["a sentence", "another one here"], ["its pair", "b"], return_tensors="pt", padding=True)
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *args):
+            return self.m(**dict(zip(names, args))).logits
+
+    (tmp / "fp-onnx").mkdir()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(), tuple(sample[n] for n in names), str(tmp / "fp-onnx" / "model.onnx"), dynamo=False,
+                          opset_version=21, input_names=names, output_names=["logits"],
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
+    tok.save_pretrained(tmp / "fp-onnx")
+    model.config.save_pretrained(tmp / "fp-onnx")
+    return paths
+
+
+def _size_mib(path: str) -> float:
+    p = Path(path)
+    files = [p / "model.safetensors", p / "model.onnx"]
+    return round(sum(f.stat().st_size for f in files if f.is_file()) / 2**20, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="A finished quantized run (uniform grid, 8-bit activations).")
+    ap.add_argument("--fp", type=Path, help="Its FP run (default: the run's 'from').")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--no-metric", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS-inference.md")
+    ap.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--task", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.path, args.task, args.threads, args.rounds, args.data_dir,
+                                     not args.no_metric)))
+        return
+    from common import machine_lines
+
+    from squat_cli.runs import RunDir
+
+    if args.run is None:
+        ap.error("--run is required")
+    run = RunDir(args.run)
+    m = run.metrics()
+    fp = args.fp or Path(m["from"])
+    fp_metrics = RunDir(fp).metrics()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _export_all(args.run, fp, Path(tmp))
+        for kind in KINDS:
+            cmd = [sys.executable, __file__, "--one", kind, "--path", paths[kind], "--task", m["task"],
+                   "--threads", str(args.threads), "--rounds", str(args.rounds)]
+            cmd += ["--data-dir", args.data_dir] if args.data_dir else []
+            cmd += ["--no-metric"] if args.no_metric else []
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                sys.exit(f"{kind} failed:\n{res.stderr[-2000:]}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["size_mib"] = _size_mib(paths[kind]) if kind != "fp32-torch" else _size_mib(paths[kind])
+            if kind.startswith("fp32"):
+                row["metric"] = fp_metrics
+            rows.append(row)
+            print(kind, {k: row[k] for k in ("ms_b1", "ms_b32", "peak_rss_mib")}, flush=True)
+    write_report(args.out, rows, m, machine_lines())
+
+
+def write_report(out: Path, rows: list[dict], m: dict, header: list[str]) -> None:
+    from squat_cli.glue import get_task
+
+    task = get_task(m["task"])
+    key = task.main_metric
+    fp = next(r for r in rows if r["kind"] == "fp32-torch")
+    lines = ["# Inference: latency and memory of the exported models", "", *header,
+             f"- run: {m['task']} {m['method']} W{m['wbits']}A{m['abits']} seed {m['seed']} (all-MiniLM-L6-v2); "
+             f"sequence length of the batches: {fp['seq_b1']} (batch 1), {fp['seq_b32']} (batch 32)", "",
+             f"| model | file MiB | batch 1 ms | batch 32 ms | speed-up b32 vs FP32 torch | peak RSS MiB "
+             f"(after imports) | dev {key} |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        metric = r.get("metric") or {}
+        val = f"{100 * metric[key]:.2f}" if key in metric else "-"
+        if r["kind"].startswith("fp32"):
+            val += " (the FP run)"
+        lines.append(f"| {r['kind']} | {r['size_mib']} | {r['ms_b1']} | {r['ms_b32']} | "
+                     f"{fp['ms_b32'] / r['ms_b32']:.2f}x | {r['peak_rss_mib']} ({r['rss_after_imports_mib']}) | {val} |")
+    lines += ["", "Raw rows:", "", "```json", *(json.dumps(r) for r in rows), "```", ""]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
