@@ -139,7 +139,8 @@ batches = fixed_batches  # the name profile_step.py imports
 
 def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None) -> list[dict]:
     """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them."""
-    from squat_cli.data import encode, load_split, resolve_data_dir, train_loader
+    from squat_cli.batching import train_loader
+    from squat_cli.data import encode, load_split, resolve_data_dir
     from squat_cli.models import load_tokenizer
 
     task = get_task(task_name)

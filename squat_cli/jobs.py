@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from squat_cli.data import Encoded, encode, eval_loader, load_split, resolve_data_dir, subset, train_loader
+from squat_cli.batching import eval_loader, train_loader
+from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.mixed_precision import assign_mixed_bits

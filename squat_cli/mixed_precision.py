@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from squat_cli.data import Encoded, eval_loader
+from squat_cli.batching import eval_loader
+from squat_cli.data import Encoded
 from squat_cli.quant.convert import encoder_blocks, select_linear
 from squat_cli.quant.hessian import layer_sensitivity, mixed_bits
 from squat_cli.recipe import QuantConfig

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from squat_cli.data import Collator, EncodedDataset, encode, examples_from_hub_dataset, load_split, read_tsv, subset
+from squat_cli.batching import Collator, EncodedDataset
+from squat_cli.data import encode, examples_from_hub_dataset, load_split, read_tsv, subset
 from squat_cli.errors import DataError
 from squat_cli.glue import PAPER_TASKS, TASKS, get_task
 

@@ -73,7 +73,7 @@ def test_packed_export_reproduces_the_run_exactly(runs, glue_dir, tmp_path, vari
     fq, tok, recipe, task = load_run_model(RunDir(run))
     ex, _, _ = load_packed(tmp_path / "x")
     data = load_task_data(recipe, tok, need_train=False)
-    from squat_cli.data import eval_loader
+    from squat_cli.batching import eval_loader
 
     loader, _ = eval_loader(next(iter(data.dev.values())), 16, tok.pad_token_id)
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]

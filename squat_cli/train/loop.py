@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from squat_cli.data import Encoded, eval_loader, train_loader
+from squat_cli.batching import eval_loader, train_loader
+from squat_cli.data import Encoded
 from squat_cli.errors import SquatError
 from squat_cli.glue import GlueTask
 from squat_cli.metrics import task_metrics
