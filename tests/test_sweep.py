@@ -155,6 +155,9 @@ def test_settings_search_runs_each_setting_into_its_own_root(tmp_path, tiny_bert
         assert json.loads((run / "metrics.json").read_text())["from"] == str(fp_root / "rte" / "fp" / "seed1")
     table = (tmp_path / "rep" / "search.md").read_text()
     assert "| lr-a | rte | lsq-w2a8 | 1 | 0.0001 | 0.1 |" in table and "| lr-b | rte | lsq-w2a8 | 1 | 0.0003 | 0.01 |" in table
+    assert "| lr-a | rte | lsq-w2a8 | 1 | 0.0001 | 0.1 | - | - | tensor | - |" in table  # SAM settings: not for lsq
+    runs_table = table.split("\n\n")[0].splitlines()
+    assert len({line.count("|") for line in runs_table}) == 1  # header, delimiter and rows: one column count
     # the same table from `squat report --search`
     res = subprocess.run([sys.executable, "-m", "squat_cli", "report", "--search", "--out", str(runs), "--reports",
                           str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -20,6 +20,7 @@ from squat_cli.yaml_safe import read_yaml
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),
             ("quant", "act_grad_scale"), ("sam", "dropout_replay"), ("train", "epochs")]
+SAM_METHODS = ("squat", "joint", "fp-sam")
 COLUMNS = ["setting", "task", "variant", "seed", "status", "metric", "value", "eval_loss", "train_time_s",
            *[k for _, k in SEARCHED]]
 
@@ -46,6 +47,8 @@ def search_rows(root: Path) -> pd.DataFrame:
                                    "eval_loss": None, "train_time_s": None}
             for section, key in SEARCHED:
                 row[key] = (recipe.get(section) or {}).get(key)
+            if run.variant.split("-w")[0] not in SAM_METHODS:  # SAM settings do not act on these runs
+                row.update({k: None for s, k in SEARCHED if s == "sam"})
             if run.is_failed():
                 try:
                     why = read_json(run.failed_file).get("error", "")
@@ -78,7 +81,7 @@ def search_markdown(df: pd.DataFrame) -> str:
         return "No search runs found.\n"
     keys = [k for _, k in SEARCHED]
     lines = ["| setting | task | variant | seed | " + " | ".join(keys) + " | status | dev metric | eval loss | train s |",
-             "|" + "---|" * (9 + len(keys))]
+             "|" + "---|" * (8 + len(keys))]
     for r in df.sort_values(["setting", "task", "variant", "seed"]).itertuples(index=False):
         d = r._asdict()
         metric = f"{d['metric']} {_fmt(d['value'])}" if d["value"] is not None else "-"
