@@ -58,10 +58,13 @@ def goal_rows(steps: dict, epochs: dict, prec: dict) -> list[tuple[str, str, str
     add("(option) SQuAT literal, train.aux_precision=bf16, <= 2.6x LSQ", r.get("squat+aux-bf16/lsq"), 2.6,
         "{:.2f}x", "ascent and step-size passes in bf16")
     amortised = [r[k] for k in ("squat+every4/lsq", "squat+rst0.5/lsq", "squat+frac0.25/lsq") if k in r]
-    add("amortised SQuAT step (sam.every / probability / ascent_fraction) <= 1.3x LSQ step",
+    add("amortised literal SQuAT step (sam.every / probability / ascent_fraction) <= 1.3x LSQ step",
         min(amortised) if amortised else None, 1.3, "{:.2f}x",
         "best of every=4, probability=0.5, ascent_fraction=0.25; literal SQuAT keeps its step-size pass, so at least "
-        "2 passes per step")
+        "2 passes per step: out of reach by design")
+    reuse = [r[k] for k in ("squat-reuse+every4/lsq", "squat-reuse+rst0.5/lsq") if k in r]
+    add("amortised SQuAT reuse step (every=4 or probability=0.5) <= 1.3x LSQ step", min(reuse) if reuse else None,
+        1.3, "{:.2f}x", "1.25 / 1.5 passes per step")
     mfu = fixed.get("mfu_fp32")
     add("FP step MFU >= 80% of measured fp32 matmul peak", None if mfu is None else 100 * mfu, 80, "{:.0f}%",
         higher_better=True)

@@ -66,12 +66,14 @@ METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/bac
     "squat+every4": ("squat", True, "fresh", 2.25, "every4"),
     "squat+rst0.5": ("squat", True, "fresh", 2.5, "rst0.5"),
     "squat+frac0.25": ("squat", True, "fresh", 2.25, "frac0.25"),
+    "squat-reuse+every4": ("squat", True, "reuse", 1.25, "every4"),  # ascent 1 in 4, no step-size pass
+    "squat-reuse+rst0.5": ("squat", True, "reuse", 1.5, "rst0.5"),
 }
 SCHEDULES = {"every4": SamSchedule(every=4), "rst0.5": SamSchedule(probability=0.5),
              "frac0.25": SamSchedule(fraction=0.25)}
 """Variants whose cost changes from step to step: their time is the mean over rounds (amortised)."""
 DEFAULT_METHODS = ("fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert,squat+aux-bf16,squat-reuse+aux-bf16,fp+nn-dropout,"
-                   "lsq+unfused,squat+every4,squat+rst0.5,squat+frac0.25")
+                   "lsq+unfused,squat+every4,squat+rst0.5,squat+frac0.25,squat-reuse+every4,squat-reuse+rst0.5")
 
 
 @contextlib.contextmanager
@@ -287,7 +289,8 @@ def table(res: dict, title: str) -> list[str]:
         lines.append(f"| {m} | {METHODS[base(m)][3]:g} | {med[m]:.3f} | {vs_fp} | {vs_lsq} | {floor_ratio(res, m)} |")
     lines += ["", "floor: the method's forward+backward passes at the measured cost of one LSQ (fp-sam: FP) pass, "
                   "plus one optimizer update, relative to the LSQ step of the same round. Variants `+every4`, "
-                  "`+rst0.5`, `+frac0.25` (sam.every=4, sam.probability=0.5, sam.ascent_fraction=0.25): mean over "
+                  "`+rst0.5`, `+frac0.25` (sam.every=4, sam.probability=0.5, sam.ascent_fraction=0.25; with `squat-reuse`, "
+                  "steps without an ascent take the step-size gradient from their weight pass): mean over "
                   "the rounds (amortised), passes = expected passes per step.",
               "Same-loss checks (first pass vs a plain forward with the unfused ops, same batch and dropout seed): "
               + "; ".join(res["checks"]) + "."]
@@ -354,7 +357,7 @@ def main() -> None:
         for a, b in (("lsq", "fp"), ("squat", "lsq"), ("squat-reuse", "lsq"), ("joint", "lsq"), ("fp-sam", "fp"),
                      ("squat+aux-bf16", "lsq"), ("squat-reuse+aux-bf16", "lsq"), ("fp+nn-dropout", "fp"),
                      ("lsq+unfused", "lsq"), ("squat+every4", "lsq"), ("squat+rst0.5", "lsq"),
-                     ("squat+frac0.25", "lsq")):
+                     ("squat+frac0.25", "lsq"), ("squat-reuse+every4", "lsq"), ("squat-reuse+rst0.5", "lsq")):
             if a in t and b in t:
                 sec["ratios"][f"{a}/{b}"] = ratio(res, a, b)
         if "fp" in t and res["precision"] == "fp32":

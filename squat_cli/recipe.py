@@ -256,10 +256,6 @@ class Recipe:
         for key in ("probability", "ascent_fraction"):
             if not 0 < getattr(self.sam, key) <= 1:
                 raise RecipeError(f"sam.{key}: {getattr(self.sam, key)} must be in (0, 1]")
-        cheaper = self.sam.every != 1 or self.sam.probability != 1 or self.sam.ascent_fraction != 1
-        if cheaper and q is not None and q.method == "squat" and q.step_size_grad == "reuse":
-            raise RecipeError("sam.every / probability / ascent_fraction: not available with "
-                              "quant.step_size_grad=reuse (its step-size update rides on every step's ascent)")
         if q is not None:
             if not 2 <= q.wbits <= 8 and not (q.method == "fp-sam" and q.wbits == 32):
                 raise RecipeError(f"quant.wbits: {q.wbits} is outside 2..8")

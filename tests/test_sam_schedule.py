@@ -14,13 +14,13 @@ from tests.quant_helpers import batches, tiny_bert
 from tests.test_strategies import LR, LR_S, RHO, _calibrated, _params, reference_step
 
 
-def _strategy(model, method, rho=RHO, schedule=SamSchedule(), optimizer="sgd"):
+def _strategy(model, method, rho=RHO, schedule=SamSchedule(), optimizer="sgd", step_size_grad="fresh"):
     train = TrainConfig(optimizer=optimizer, lr=LR, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0,
                         max_grad_norm=None)
     w_opt, _, s_opt, _ = build_optimizers(model, train, QuantConfig(method=method, step_lr=LR_S), 10)
     ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
                       autocast=contextlib.nullcontext, no_sync=contextlib.nullcontext, rho=rho, schedule=schedule)
-    return make_strategy(method, ctx)
+    return make_strategy(method, ctx, step_size_grad)
 
 
 def _run(method, schedule, steps=4, rho=RHO):
@@ -137,5 +137,44 @@ def test_recipe_options_validated():
                      ("sam.ascent_fraction=1.5", "sam.ascent_fraction: 1.5 must be in (0, 1]")):
         with pytest.raises(RecipeError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             load_recipe(sets=[bad])
-    with pytest.raises(RecipeError, match="not available with quant.step_size_grad=reuse"):
-        load_recipe(base={"quant.method": "squat"}, sets=["quant.step_size_grad=reuse", "sam.every=2"])
+    r = load_recipe(base={"quant.method": "squat"}, sets=["quant.step_size_grad=reuse", "sam.every=2"])
+    assert (r.quant.step_size_grad, r.sam.every) == ("reuse", 2)
+
+
+@pytest.mark.parametrize("schedule,mode", [(SamSchedule(every=2), REUSE), (SamSchedule(probability=1e-9), PLAIN)])
+def test_reuse_takes_the_step_size_gradient_from_the_weight_pass_when_there_is_no_ascent(schedule, mode):
+    """squat with step_size_grad=reuse: a step without an ascent (reused eps, or a plain RST step) makes one pass,
+    at Q(w_1, s_1) (+ eps_0), whose gradient gives both the weight step and the pending step-size step (hand
+    computation on a copy). At step 0 no step-size update is pending: the steps stay as initialised."""
+    import copy
+
+    m = _calibrated("squat")
+    st = _strategy(m, "squat", schedule=schedule, step_size_grad="reuse")
+    b0, b1 = batches(2, seed=5)
+    s_init = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith(".step")}
+    st.step(b0)
+    s_after0 = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith(".step")}
+    if mode == PLAIN:  # step 0 had no ascent either: its weight pass gave no step-size update
+        assert all(torch.equal(s_init[n], s_after0[n]) for n in s_init)
+    stored = [e.clone() for e in st.perturb.stored] if st.perturb.stored is not None else None
+    twin = copy.deepcopy(m)
+    twin_st = _strategy(twin, "squat", step_size_grad="reuse")
+    twin_st.ctx.w_opt.load_state_dict(copy.deepcopy(st.ctx.w_opt.state_dict()))
+    twin_st.ctx.s_opt.load_state_dict(copy.deepcopy(st.ctx.s_opt.state_dict()))
+    twin_st.step_count = 1
+    calls = []
+    h = m.register_forward_pre_hook(lambda *a: calls.append(1))
+    assert st.ctx.schedule.mode(1, stored is not None) == mode
+    st.step(b1)
+    h.remove()
+    assert len(calls) == 1  # one pass in all
+    if mode == REUSE:
+        twin_st.perturb.stored = stored
+        twin_st.perturb.apply_stored()
+    twin(**b1).loss.backward()  # w and s both get gradients
+    twin_st.perturb.restore()
+    twin_st._step_w()
+    twin_st._step_s()
+    got, want = _params(m), _params(twin)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    assert any(not torch.equal(got[n], s_after0[n]) for n in s_after0)  # the step sizes moved at step 1

@@ -17,7 +17,9 @@ squat      Algorithm 1. pass 1 at Q(w_t,s_t): eps (s frozen);
            pass 2 at Q(w_t,s_t)+eps: w_{t+1} <- opt_w (s frozen);
            pass 3 at Q(w_{t+1},s_t): s_{t+1} <- opt_s (w frozen)   [fresh]
            reuse: no pass 3; the s step uses pass 1 of the *next* step,
-           which is evaluated at Q(w_{t+1}, s_t) on the next batch
+           which is evaluated at Q(w_{t+1}, s_t) on the next batch (a next
+           step without an ascent, under sam.every/probability: its weight
+           pass, at Q(w_{t+1}, s_t) + the reused eps or unperturbed)
 =========  ==================================================================
 
 ``opt_w`` is the recipe's optimizer (Adam/AdamW with a schedule), ``opt_s`` the
@@ -246,8 +248,12 @@ class SQuAT(JointSam):
 
     def step(self, batch: dict) -> float:
         mode, loss = self.begin_step(batch, self.ascent if self.fresh else self._ascent_with_step_grad)
+        # reuse on a step without an ascent (sam.every / probability): the weight pass carries the pending
+        # step-size gradient, grad_s L at Q(w_t, s_t) (+ the reused eps), in place of the ascent pass
+        s_in_weight_pass = not self.fresh and mode != ASCENT
         # pass 2: weight step at Q(w_t, s_t) + eps, s fixed
-        self._set_grad(self.s_params, False)
+        if not s_in_weight_pass:
+            self._set_grad(self.s_params, False)
         try:
             with self.weight_step() if mode != PLAIN else contextlib.nullcontext():
                 descent = self.loss(batch)
@@ -258,6 +264,11 @@ class SQuAT(JointSam):
         if loss is None:
             loss = descent
         self._step_w()
+        if s_in_weight_pass:
+            if self.step_count > 0:
+                self._step_s()
+            elif self.ctx.s_opt is not None:
+                self.ctx.s_opt.zero_grad(set_to_none=True)  # no step-size update is pending at step 0
         if self.fresh:
             # pass 3: step-size step at Q(w_{t+1}, s_t), w fixed
             self.rng.replay()
