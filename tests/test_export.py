@@ -115,7 +115,8 @@ def test_gobo_export_keeps_outliers_and_shrinks_the_embeddings(runs, tmp_path):
 
 
 def test_python_loader_example(runs, tmp_path):
-    assert runner.invoke(app, ["export", str(_run(runs, "squat-w4a8")), "--to", str(tmp_path / "x")]).exit_code == 0
+    for _ in range(2):  # a second export replaces the first (an export folder, never anything else)
+        assert runner.invoke(app, ["export", str(_run(runs, "squat-w4a8")), "--to", str(tmp_path / "x")]).exit_code == 0
     model, tokenizer, manifest = load_packed(tmp_path / "x")
     logits = model(**tokenizer("A man plays.", "A man is playing.", return_tensors="pt")).logits
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
@@ -194,6 +195,15 @@ def test_bad_exports(runs, tmp_path):
     _one_line_error(runner.invoke(app, ["export", str(src), "--format", "zip"]), "--format: 'zip' is not one of packed, onnx")
     _one_line_error(runner.invoke(app, ["export", str(runs / "rte" / "fp" / "seed42")]), "a full-precision run")
     assert not list(tmp_path.rglob("export"))  # nothing written by any of them
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    for fmt in ("packed", "onnx"):
+        _one_line_error(runner.invoke(app, ["export", str(src), "--format", fmt, "--to", str(keep)]),
+                        "the folder exists and is not a squat export")
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]  # never replaced
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "afile")]), "a file is in the way")
 
 
 def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):

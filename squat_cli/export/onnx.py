@@ -35,7 +35,7 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.packed import _check_exportable, _run_facts, sha256
+from squat_cli.export.packed import _check_exportable, _run_facts, check_destination, sha256
 from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, write_json
@@ -186,6 +186,8 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
         raise RunError(f"--weight-type: {weight_type!r} is not one of int8, int4")
     run = RunDir(Path(run_path))
     _check_exportable(run)
+    out = Path(to) if to is not None else run.path / "export" / "onnx"
+    check_destination(out)
     model, tokenizer, recipe, task = load_run_model(run)
     layers = quant_layers(model)
     if not layers:
@@ -207,7 +209,6 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
     sample = tokenizer(["a first sentence", "a second one"], ["and its pair", "b"], return_tensors="pt", padding=True)
     names = tuple(n for n in INPUTS if n in sample)
     wrapper = _Logits(traced, names)
-    out = Path(to) if to is not None else run.path / "export" / "onnx"
     with atomic_dir(out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -100,6 +100,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
 
     run = RunDir(Path(run_path))
     _check_exportable(run)
+    check_destination(Path(to) if to is not None else run.path / "export" / "packed")
     model, tokenizer, recipe, task = load_run_model(run)
     if not quant_layers(model):
         raise RunError(f"{run.path}: a full-precision run has no quantized layers to pack (export a quantized run)")
@@ -110,6 +111,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
     facts = _run_facts(run, recipe)
     facts["dev_metrics"] = {k: run.metrics()[k] for k in (*task.metric_names(), "eval_loss") if k in run.metrics()}
     out = Path(to) if to is not None else run.path / "export" / "packed"
+    check_destination(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
@@ -122,6 +124,15 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
                     "model_type": model.config.model_type, "layers": layers, "size": size}
         write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
+
+
+def check_destination(out: Path) -> None:
+    """An export replaces only an earlier export (or an empty folder): never a folder holding anything else."""
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        raise RunError(f"--to {out}: a file is in the way (an export is a folder)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise RunError(f"--to {out}: the folder exists and is not a squat export; choose a new or empty folder")
 
 
 def _check_exportable(run: RunDir) -> None:
