@@ -13,7 +13,6 @@ layers before anything is built: a damaged or altered export is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, build_act_quantizer, decode_weight
-from squat_cli.export.packed import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
+from squat_cli.export.packed import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_manifest_file, sha256
 from squat_cli.export.packing import packed_bytes
 
 
@@ -46,21 +45,9 @@ class DequantLinear(nn.Linear):
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the export folder ``path``, checked for format and version."""
     folder = Path(path)
-    file = folder / MANIFEST_FILE
     if not folder.is_dir():
         raise RunError(f"no export folder at {folder}")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{file}: missing (not a squat export)") from None
-    except (ValueError, UnicodeDecodeError):
-        raise RunError(f"{file}: damaged (not JSON)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise RunError(f"{file}: not a {FORMAT} manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise RunError(f"{file}: format version {version!r} is newer than this squat reads ({FORMAT_VERSION})")
-    return manifest
+    return read_manifest_file(folder, FORMAT, FORMAT_VERSION, "not a squat export")
 
 
 def _expected_suffixes(desc: dict[str, Any]) -> dict[str, tuple[str, Optional[tuple[int, ...]]]]:

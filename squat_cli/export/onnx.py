@@ -35,7 +35,7 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.packed import _check_exportable, _run_facts, check_destination, sha256
+from squat_cli.export.packed import _check_exportable, _run_facts, check_destination, read_manifest_file, sha256
 from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, write_json
@@ -259,22 +259,13 @@ class OrtModel(nn.Module):
 
 def load_onnx(path: Path, threads: Optional[int] = None):
     """(model-like runner, tokenizer, manifest) of an ONNX export folder or its ``model.onnx``."""
-    import json
-
     _, ort = _need_onnx()
     from squat_cli.glue import get_task
     from squat_cli.models import load_tokenizer
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{folder / 'manifest.json'}: missing (export with squat export --format onnx)") from None
-    except (ValueError, UnicodeDecodeError):
-        raise RunError(f"{folder / 'manifest.json'}: damaged (not JSON)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise RunError(f"{folder / 'manifest.json'}: not a {FORMAT} manifest")
+    manifest = read_manifest_file(folder, FORMAT, FORMAT_VERSION, "export with squat export --format onnx")
     model_file = path if path.is_file() else folder / MODEL_FILE
     if sha256(model_file) != manifest.get("sha256"):
         raise RunError(f"{model_file}: its SHA-256 differs from the manifest's: the file is damaged or was altered")

@@ -14,7 +14,6 @@ state-dict name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,9 @@ from safetensors.torch import save_file
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, act_state, encode_weight
 from squat_cli.quant.qlinear import is_quantizer_key, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, write_json
+from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
+
+sha256 = sha256_file
 
 FORMAT = "squat-packed"
 FORMAT_VERSION = 1
@@ -38,12 +39,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def read_manifest_file(folder: Path, fmt: str, version: int, hint: str) -> dict[str, Any]:
+    """``folder/manifest.json``, checked to be a ``fmt`` manifest no newer than ``version``; ``hint`` says how to
+    make one when it is missing."""
+    file = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{file}: missing ({hint})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RunError(f"{file}: damaged (not JSON)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise RunError(f"{file}: not a {fmt} manifest")
+    found = manifest.get("format_version")
+    if not isinstance(found, int) or found > version:
+        raise RunError(f"{file}: format version {found!r} is newer than this squat reads ({version})")
+    return manifest
 
 
 def pack_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

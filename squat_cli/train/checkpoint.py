@@ -14,7 +14,6 @@ so a truncated or tampered checkpoint is refused with a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,17 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from squat_cli.errors import RunError
-from squat_cli.runs import atomic_dir
+from squat_cli.runs import atomic_dir, sha256_file
 
 FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors", "state.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _flatten_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -94,7 +85,7 @@ def save_checkpoint(
         save_file(optim_t or {"_empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
         save_file(rng_t, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        manifest = {f: _sha256(tmp / f) for f in FILES}
+        manifest = {f: sha256_file(tmp / f) for f in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
@@ -111,7 +102,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict, dict]:
         path = folder / name
         if not path.is_file():
             raise RunError(f"checkpoint {folder} is incomplete ({name} missing)")
-        if _sha256(path) != manifest.get(name):
+        if sha256_file(path) != manifest.get(name):
             raise RunError(f"checkpoint {folder}: {name} does not match its recorded hash (truncated or modified)")
     try:
         model_t = load_file(str(folder / "model.safetensors"))
@@ -169,7 +160,7 @@ def _complete(folder: Path) -> bool:
         if not (folder / "manifest.json").is_file():
             return False
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        return all((folder / f).is_file() and _sha256(folder / f) == manifest.get(f) for f in FILES)
+        return all((folder / f).is_file() and sha256_file(folder / f) == manifest.get(f) for f in FILES)
     except (OSError, ValueError):
         return False
 
