@@ -217,7 +217,7 @@ def main() -> None:
             if res.returncode != 0:
                 sys.exit(f"{kind} failed:\n{res.stderr[-2000:]}")
             row = json.loads(res.stdout.strip().splitlines()[-1])
-            row["size_mib"] = _size_mib(paths[kind]) if kind != "fp32-torch" else _size_mib(paths[kind])
+            row["size_mib"] = _size_mib(paths[kind])
             if kind.startswith("fp32"):
                 row["metric"] = fp_metrics
             rows.append(row)
