@@ -188,14 +188,23 @@ def report(
     reports: Path = typer.Option(Path("reports"), "--reports", help="Folder for tables and figures."),
     search: bool = typer.Option(False, "--search", help="--out holds a settings search (one runs root per "
                                 "setting): write search.csv and search.md, every run with its settings."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT variants; "
+                                             "compare them with this runs root's LSQ and SQuAT runs of the same "
+                                             "task, bits and seed (variants.md/.csv/.png)."),
 ) -> None:
     """Tables 1-4 (CSV, Markdown) and Figures 2-3 (PNG) from every run folder, beside the paper's numbers."""
     from squat_cli.report.build import write_report
 
     if not out.is_dir():
         _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
+    if reference is not None and not search:
+        _fail("--reference compares variants: give it with --search")
+    if reference is not None and not reference.is_dir():
+        _fail(f"reference runs folder {reference} does not exist")
     if search:
         _write_search(out, reports)
+        if reference is not None:
+            _write_variants(out, reference, reports)
         return
     rep = _run(write_report, out, reports)
     print_report(rep)
@@ -207,6 +216,17 @@ def _write_search(out: Path, reports: Path) -> None:
     df = _run(write_search, out, reports)
     done = int((df["status"] == "done").sum()) if not df.empty else 0
     console.print(f"search: {len(df)} runs ({done} finished) -> {reports / 'search.md'}")
+
+
+def _write_variants(out: Path, reference: Path, reports: Path) -> None:
+    from squat_cli.report.variants import write_variants
+
+    found = _run(write_variants, out, reference, reports)
+    for v in found:
+        console.print(f"{v.method}: {v.mean:+.2f} points vs squat ({v.pairs} pairs), {v.cost:.2f}x lsq; "
+                      f"within noise: {'yes' if v.within_noise else 'no'}, cost goal: "
+                      f"{'yes' if v.meets_cost else 'no'}")
+    console.print(f"variants -> {reports / 'variants.md'}")
 
 
 @app.command(epilog="Example: squat sweep recipes/demo.yaml --data-dir glue/ --shard 0/2")

@@ -203,3 +203,62 @@ def test_alias_bomb_in_a_run_folder_recipe_does_not_stall_the_report(tmp_path):
     rep = write_report(root, tmp_path / "rep")
     assert time.perf_counter() - t0 < 10
     assert rep.tables[0].frame.set_index(["method", "W/A"]).loc[("LSQ", "2/8")]["RTE"] == pytest.approx(60.0)
+
+
+@pytest.fixture
+def variants(tmp_path):
+    """Reference LSQ and SQuAT runs (RTE W2, seeds 1-3) and three variants with hand-chosen results."""
+    ref, var = tmp_path / "grid", tmp_path / "variants"
+    for seed, lsq, sq in zip((1, 2, 3), (0.60, 0.62, 0.64), (0.66, 0.64, 0.68)):
+        make_run(ref, "rte", "lsq-w2a8", seed, {"accuracy": lsq, "steps": 10, "train_time_s": 100.0})
+        make_run(ref, "rte", "squat-w2a8", seed, {"accuracy": sq, "steps": 10, "train_time_s": 300.0})
+        make_run(ref, "rte", "lsq-w4a8", seed, {"accuracy": 0.9, "steps": 10, "train_time_s": 100.0})  # not run
+        make_run(ref, "rte", "joint-w2a8", seed, {"accuracy": 0.9, "steps": 10, "train_time_s": 100.0})
+    runs = {"cheap": ((0.65, 0.65, 0.66), (120.0, 130.0, 125.0)),   # -1, +1, -2 points; 1.25x
+            "bad": ((0.55, 0.56, 0.57), (110.0, 110.0, 110.0)),     # -11, -8, -11; 1.1x
+            "slow": ((0.66, 0.64, 0.68), (250.0, 250.0, 250.0))}    # 0, 0, 0; 2.5x
+    for name, (vals, times) in runs.items():
+        for seed, v, t in zip((1, 2, 3), vals, times):
+            make_run(var / name, "rte", "squat-w2a8", seed, {"accuracy": v, "steps": 10, "train_time_s": t},
+                     sharp={"ascent/rho=0.01": {"score": 0.01 * seed, "loss0": 0.5, "delta_norm": 0.01}})
+    return ref, var
+
+
+def test_variants_verdicts_match_hand_computation(variants, tmp_path):
+    from squat_cli.report.variants import write_variants
+
+    ref, var = variants
+    found = {v.method: v for v in write_variants(var, ref, tmp_path / "out")}
+    assert sorted(found) == ["bad", "cheap", "slow"]
+    cheap, bad, slow = found["cheap"], found["bad"], found["slow"]
+    # squat's seeds 66 / 64 / 68: variance 4, noise 2 points
+    assert cheap.noise == pytest.approx(2.0)
+    assert cheap.pairs == 3 and cheap.mean == pytest.approx(-2 / 3)
+    assert cheap.lo < 0 < cheap.hi and cheap.cost == pytest.approx(1.25)
+    assert cheap.within_noise and cheap.meets_cost
+    assert bad.mean == pytest.approx(-10.0) and bad.cost == pytest.approx(1.1)
+    assert not bad.within_noise and bad.meets_cost
+    assert slow.mean == 0 and slow.lo == slow.hi == 0 and slow.within_noise
+    assert slow.cost == pytest.approx(2.5) and not slow.meets_cost
+    rows = (tmp_path / "out" / "variants.csv").read_text().splitlines()
+    assert len(rows) == 1 + 15  # 3 variants + LSQ + SQuAT, 3 seeds each; the W4 and joint reference runs left out
+    md = (tmp_path / "out" / "variants.md").read_text()
+    assert "| cheap | rte | 2/8 | 3 | 66.00 | 125 | 1.25x | 0.03000 | - |" in md
+    assert "Variants that do both: cheap." in md
+    assert (tmp_path / "out" / "variants.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variants_report_cli_and_bad_input(variants, tmp_path):
+    ref, var = variants
+    out = tmp_path / "rep"
+    r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(out), "--reference", str(ref)])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())  # the console wraps long lines
+    assert "cheap: -0.67 points vs squat (3 pairs), 1.25x lsq; within noise: yes, cost goal: yes" in said
+    assert (out / "search.md").is_file() and (out / "variants.md").is_file()
+    r = runner.invoke(app, ["report", "--out", str(var), "--reports", str(out), "--reference", str(ref)])
+    assert r.exit_code == 2 and "give it with --search" in r.output
+    (var / "lsq" / "rte").mkdir(parents=True)
+    make_run(var / "lsq", "rte", "squat-w2a8", 1, {"accuracy": 0.5})
+    r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(out), "--reference", str(ref)])
+    assert r.exit_code == 2 and "named like a reference method" in r.output

@@ -11,7 +11,7 @@ from squat_cli.glue import PAPER_TASKS, TASKS
 from squat_cli.runs import atomic_path
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
@@ -35,7 +35,7 @@ def _bars(ax, tasks, series: dict[str, tuple[list[float], list[float]]]) -> None
 
 def figure2(agg: pd.DataFrame, path: Path, key: str = "ascent/rho=0.05") -> bool:
     """Sharpness of SQuAT vs LSQ per task, one panel per weight bit-width. False if nothing to draw."""
-    plt = _plt()
+    plt = pyplot()
     data = agg[(agg.metric == f"sharpness:{key}") & agg.method.isin(["lsq", "squat"])]
     if data.empty:
         return False
@@ -51,14 +51,14 @@ def figure2(agg: pd.DataFrame, path: Path, key: str = "ascent/rho=0.05") -> bool
         ax.set_title(f"W{b}: sharpness ({key.split('/')[1]})")
         ax.set_ylabel("L(W_T) - L(W_0)  (lower is flatter)")
         ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
 
 def figure3(agg: pd.DataFrame, path: Path) -> bool:
     """Joint and SQuAT minus LSQ on each task's main metric (LSQ is the zero line)."""
-    plt = _plt()
+    plt = pyplot()
     main = agg[[m == TASKS[t].main_metric for t, m in zip(agg.task, agg.metric)]] if not agg.empty else agg
     lsq = main[main.method == "lsq"]
     others = main[main.method.isin(["joint", "squat"])]
@@ -81,6 +81,6 @@ def figure3(agg: pd.DataFrame, path: Path) -> bool:
         ax.set_title(f"W{b}A8: difference from LSQ")
         ax.set_ylabel("main metric − LSQ (points)")
         ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True

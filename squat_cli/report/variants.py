@@ -1,0 +1,172 @@
+"""Method variants against reference runs: accuracy, sharpness and cost side by side, with a verdict.
+
+A variants root holds one runs root per variant (``<root>/<variant>/<task>/<method>-wXaY/seed<k>``, the layout
+``squat sweep`` writes for a recipe with ``settings``). The reference runs (another runs root, e.g. the
+replication grid) give the two anchors of the same task, bits and seed: the ``baseline`` method (cost 1x) and
+the ``target`` method whose result the variants try to keep at a lower cost.
+
+Verdict per variant (the rule of docs/efficient-squat.md, fixed before any run):
+
+- it **keeps the target's result within seed noise** if the mean of its paired differences (variant minus
+  target, same task, bits and seed) is above minus the target's seed standard deviation (pooled over the bit
+  widths: the root mean of the per-(task, bits) variances) and the 95% bootstrap interval of that mean
+  contains 0;
+- it **meets the cost goal** if the median over its runs of the ratio of its training time to the baseline run
+  of the same task, bits and seed is at most ``goal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from squat_cli.errors import SquatError
+from squat_cli.glue import TASKS
+from squat_cli.report.claims import bootstrap_ci, pairs
+from squat_cli.report.collect import collect
+from squat_cli.report.figures import pyplot, save_png
+from squat_cli.runs import write_text
+
+SHARP_KEYS = ("ascent/rho=0.01", "ascent/rho=0.05")
+RUN_COLUMNS = ["method", "task", "wbits", "abits", "seed", "value", "train_time_s", *SHARP_KEYS, "short"]
+
+
+@dataclass
+class Verdict:
+    method: str
+    pairs: int
+    mean: float
+    lo: float
+    hi: float
+    noise: float
+    cost: float
+    within_noise: bool
+    meets_cost: bool
+
+
+def variant_results(root: Path, reference: Path, methods: tuple[str, ...]) -> pd.DataFrame:
+    """The long results table (``collect``'s layout) of every variant, each named by its folder, plus the
+    reference runs of ``methods`` at the tasks, bit widths and seeds the variants ran."""
+    frames = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        res = collect(folder).results
+        if not res.empty:
+            frames.append(res.assign(method=folder.name))
+    if not frames:
+        raise SquatError(f"no finished variant runs under {root} (expected {root}/<variant>/<task>/...)")
+    mine = pd.concat(frames, ignore_index=True)
+    if set(mine.method) & set(methods):
+        raise SquatError(f"a variant folder under {root} is named like a reference method ({', '.join(methods)})")
+    ref = collect(reference).results
+    keys = mine[["task", "wbits", "abits", "seed"]].drop_duplicates()
+    ref = ref[ref.method.isin(methods)].merge(keys, on=["task", "wbits", "abits", "seed"])
+    return pd.concat([mine, ref], ignore_index=True)
+
+
+def run_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: main dev metric, training time, sharpness scores, whether an ascent stopped short."""
+    rows = []
+    for (method, task, wbits, abits, seed), g in results.groupby(["method", "task", "wbits", "abits", "seed"]):
+        by = dict(zip(g.metric, g.value))
+        short = bool(g[g.metric.str.startswith("sharpness:")]["short"].fillna(False).astype(bool).any())
+        rows.append({"method": method, "task": task, "wbits": wbits, "abits": abits, "seed": seed,
+                     "value": by.get(TASKS[task].main_metric), "train_time_s": by.get("train_time_s"),
+                     **{k: by.get(f"sharpness:{k}") for k in SHARP_KEYS}, "short": short})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def seed_noise(runs: pd.DataFrame, method: str) -> float:
+    """Pooled seed standard deviation of ``method``'s main metric: root mean of its per-(task, bits) variances."""
+    v = runs[runs.method == method].groupby(["task", "wbits"])["value"].var(ddof=1).dropna()
+    return float(np.sqrt(v.mean())) if len(v) else float("nan")
+
+
+def cost_ratio(runs: pd.DataFrame, method: str, baseline: str) -> float:
+    """Median over ``method``'s runs of train time / the ``baseline`` run's of the same task, bits and seed."""
+    on = ["task", "wbits", "seed"]
+    both = runs[runs.method == method].merge(runs[runs.method == baseline], on=on, suffixes=("", "_b"))
+    r = (both["train_time_s"] / both["train_time_s_b"]).dropna()
+    return float(r.median()) if len(r) else float("nan")
+
+
+def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> list[Verdict]:
+    runs = run_table(results)
+    noise = seed_noise(runs, target)
+    out = []
+    for method in sorted(set(runs.method) - {target, baseline}):
+        d = pairs(results, method, target)["diff"].to_numpy(dtype=float)
+        mean = float(d.mean()) if len(d) else float("nan")
+        lo, hi = bootstrap_ci(d)
+        cost = cost_ratio(runs, method, baseline)
+        within = bool(len(d) and not np.isnan(noise) and mean > -noise and lo <= 0 <= hi)
+        out.append(Verdict(method, len(d), mean, lo, hi, noise, cost, within, bool(cost <= goal)))
+    return out
+
+
+def _f(v, fmt: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float) -> str:
+    lines = ["### Every run", "",
+             "| method | task | W/A | seed | dev metric | train s | vs " + baseline + " | sharpness 0.01 | "
+             "sharpness 0.05 |", "|---|---|---|---|---|---|---|---|---|"]
+    base = runs[runs.method == baseline].set_index(["task", "wbits", "seed"])["train_time_s"]
+    for r in runs.sort_values(["wbits", "method", "task", "seed"]).itertuples(index=False):
+        b = base.get((r.task, r.wbits, r.seed))
+        ratio = f"{r.train_time_s / b:.2f}x" if b and r.train_time_s is not None else "-"
+        flag = " (ascent short)" if r.short else ""
+        lines.append(f"| {r.method} | {r.task} | {r.wbits}/{r.abits} | {r.seed} | {_f(r.value)} | "
+                     f"{_f(r.train_time_s, '.0f')} | {ratio} | {_f(r[7], '.5f')} | {_f(r[8], '.5f')}{flag} |")
+    lines += ["", f"### Verdict (vs {target}; cost vs {baseline}, goal <= {goal:g}x)", "",
+              f"Paired difference: variant minus {target}, same task, bits and seed (points); noise: {target}'s "
+              "pooled seed standard deviation; cost: median over the variant's runs of its training time over the "
+              f"{baseline} run's.", "",
+              "| variant | pairs | mean difference | 95% interval | noise | within noise | cost | meets cost goal |",
+              "|---|---|---|---|---|---|---|---|"]
+    for v in found:
+        lines.append(f"| {v.method} | {v.pairs} | {_f(v.mean, '+.2f')} | [{_f(v.lo, '+.2f')}, {_f(v.hi, '+.2f')}] | "
+                     f"{_f(v.noise)} | {'yes' if v.within_noise else 'no'} | {_f(v.cost)}x | "
+                     f"{'yes' if v.meets_cost else 'no'} |")
+    both = [v.method for v in found if v.within_noise and v.meets_cost]
+    lines += ["", f"Variants that do both: {', '.join(both) if both else 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def variants_figure(runs: pd.DataFrame, path: Path, target: str, baseline: str) -> bool:
+    """Train time (x) against the dev metric (y), one point per run; colour per method, marker per bit width."""
+    pts = runs.dropna(subset=["value", "train_time_s"])
+    if pts.empty:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = [baseline, target] + sorted(set(pts.method) - {baseline, target})
+    markers = dict(zip(sorted(pts.wbits.unique()), "os^Dv"))
+    for i, method in enumerate(m for m in order if m in set(pts.method)):
+        for wbits, g in pts[pts.method == method].groupby("wbits"):
+            ax.scatter(g.train_time_s, g.value, color=f"C{i}", marker=markers[wbits], s=36,
+                       label=f"{method} W{wbits}")
+    tasks = sorted(pts.task.unique())
+    ax.set_xlabel("training time of the steps (s, this machine)")
+    ax.set_ylabel(f"dev {', '.join(TASKS[t].main_metric for t in tasks)} ({', '.join(tasks)})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_variants(root: Path, reference: Path, folder: Path, target: str = "squat", baseline: str = "lsq",
+                   goal: float = 1.3) -> list[Verdict]:
+    """``variants.csv`` (every run), ``variants.md`` (runs and verdicts) and ``variants.png`` in ``folder``."""
+    results = variant_results(root, reference, (target, baseline))
+    runs = run_table(results)
+    found = verdicts(results, target, baseline, goal)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "variants.csv", runs.to_csv(index=False, float_format="%.6g"))
+    write_text(folder / "variants.md", variants_markdown(runs, found, target, baseline, goal))
+    variants_figure(runs, folder / "variants.png", target, baseline)
+    return found
