@@ -33,8 +33,8 @@ from squat_cli.recipe import (
     QUANTIZE_DEFAULTS,
     WEIGHT_ONLY_METHODS,
     Recipe,
-    _merge,
     apply_overrides,
+    merge_sections,
     recipe_from_dict,
 )
 from squat_cli.sharpness import SharpnessSettings
@@ -103,7 +103,7 @@ class Grid:
     def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None,
                      setting: str = "") -> Recipe:
         d = apply_overrides({}, dict(QUANTIZE_DEFAULTS))
-        _merge(d, copy.deepcopy(self.quantize))
+        merge_sections(d, copy.deepcopy(self.quantize))
         if method in self.method_settings:
             apply_overrides(d, dict(self.method_settings[method]))
         if setting:
