@@ -23,8 +23,9 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, build_act_quantizer, decode_weight
-from squat_cli.export.packed import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_manifest_file, sha256
+from squat_cli.export.packed import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_manifest_file
 from squat_cli.export.packing import packed_bytes
+from squat_cli.runs import sha256_file
 
 
 class DequantLinear(nn.Linear):
@@ -83,7 +84,7 @@ def _read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Ten
     weights = folder / str(manifest.get("weights_file", ""))
     if not weights.is_file():
         raise RunError(f"{weights}: missing")
-    if sha256(weights) != manifest.get("sha256"):
+    if sha256_file(weights) != manifest.get("sha256"):
         raise RunError(f"{weights}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
     try:
         with safe_open(str(weights), framework="pt") as f:

@@ -35,10 +35,10 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.packed import _check_exportable, _run_facts, check_destination, read_manifest_file, sha256
+from squat_cli.export.packed import check_destination, check_exportable, read_manifest_file, run_facts
 from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, write_json
+from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
 
 FORMAT = "squat-onnx"
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
     if weight_type not in (None, "int8", "int4"):
         raise RunError(f"--weight-type: {weight_type!r} is not one of int8, int4")
     run = RunDir(Path(run_path))
-    _check_exportable(run)
+    check_exportable(run)
     out = Path(to) if to is not None else run.path / "export" / "onnx"
     check_destination(out)
     model, tokenizer, recipe, task = load_run_model(run)
@@ -224,10 +224,10 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         types = sorted({"int4" if b <= 4 else "int8" for b in weight_bits.values()})
-        facts = _run_facts(run, recipe)
+        facts = run_facts(run, recipe)
         facts["dev_metrics"] = {k: run.metrics()[k] for k in (*task.metric_names(), "eval_loss") if k in run.metrics()}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "opset": OPSET,
-                    "sha256": sha256(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
+                    "sha256": sha256_file(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
                     "source_run": facts,
                     "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
         write_json(tmp / "manifest.json", manifest)
@@ -267,7 +267,7 @@ def load_onnx(path: Path, threads: Optional[int] = None):
     folder = path if path.is_dir() else path.parent
     manifest = read_manifest_file(folder, FORMAT, FORMAT_VERSION, "export with squat export --format onnx")
     model_file = path if path.is_file() else folder / MODEL_FILE
-    if sha256(model_file) != manifest.get("sha256"):
+    if sha256_file(model_file) != manifest.get("sha256"):
         raise RunError(f"{model_file}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
     opts = _options(ort)
     if threads:

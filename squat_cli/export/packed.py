@@ -27,8 +27,6 @@ from squat_cli.export.codes import ExportError, act_state, encode_weight
 from squat_cli.quant.qlinear import is_quantizer_key, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
 
-sha256 = sha256_file
-
 FORMAT = "squat-packed"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -94,7 +92,7 @@ def pack_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, layers, size
 
 
-def _run_facts(run: RunDir, recipe) -> dict[str, Any]:
+def run_facts(run: RunDir, recipe) -> dict[str, Any]:
     m = run.metrics()
     keep = ("task", "method", "wbits", "abits", "seed", "model", "main_metric", "eval_loss")
     facts = {k: m[k] for k in keep if k in m}
@@ -110,7 +108,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
     from squat_cli.jobs import load_run_model  # the run folder's model, exactly as evaluated
 
     run = RunDir(Path(run_path))
-    _check_exportable(run)
+    check_exportable(run)
     check_destination(Path(to) if to is not None else run.path / "export" / "packed")
     model, tokenizer, recipe, task = load_run_model(run)
     if not quant_layers(model):
@@ -119,7 +117,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
         tensors, layers, size = pack_model(model)
     except ExportError as exc:
         raise RunError(f"{run.path}: {exc}") from None
-    facts = _run_facts(run, recipe)
+    facts = run_facts(run, recipe)
     facts["dev_metrics"] = {k: run.metrics()[k] for k in (*task.metric_names(), "eval_loss") if k in run.metrics()}
     out = Path(to) if to is not None else run.path / "export" / "packed"
     check_destination(out)
@@ -131,7 +129,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
         size["file_bytes"] = file_bytes
         size["file_ratio"] = round(file_bytes / size["fp32_checkpoint_bytes"], 5)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
-                    "sha256": sha256(tmp / WEIGHTS_FILE), "source_run": facts,
+                    "sha256": sha256_file(tmp / WEIGHTS_FILE), "source_run": facts,
                     "model_type": model.config.model_type, "layers": layers, "size": size}
         write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
@@ -146,7 +144,7 @@ def check_destination(out: Path) -> None:
         raise RunError(f"--to {out}: the folder exists and is not a squat export; choose a new or empty folder")
 
 
-def _check_exportable(run: RunDir) -> None:
+def check_exportable(run: RunDir) -> None:
     if not run.path.is_dir():
         raise RunError(f"no run folder at {run.path}")
     if run.is_failed():
