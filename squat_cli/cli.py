@@ -224,7 +224,7 @@ def _write_variants(out: Path, reference: Path, reports: Path) -> None:
     found = _run(write_variants, out, reference, reports)
     for v in found:
         console.print(f"{v.method}: {v.mean:+.2f} points vs squat ({v.pairs} pairs), {v.cost:.2f}x lsq; "
-                      f"within noise: {'yes' if v.within_noise else 'no'}, cost goal: "
+                      f"within noise: {'-' if v.within_noise is None else ('yes' if v.within_noise else 'no')}, cost goal: "
                       f"{'yes' if v.meets_cost else 'no'}")
     console.print(f"variants -> {reports / 'variants.md'}")
 

@@ -262,3 +262,18 @@ def test_variants_report_cli_and_bad_input(variants, tmp_path):
     make_run(var / "lsq", "rte", "squat-w2a8", 1, {"accuracy": 0.5})
     r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(out), "--reference", str(ref)])
     assert r.exit_code == 2 and "named like a reference method" in r.output
+
+
+def test_variants_within_noise_unknown_with_one_target_seed(variants, tmp_path):
+    """One SQuAT seed gives no seed noise: the verdict says it cannot tell instead of 'no'."""
+    from squat_cli.report.variants import write_variants
+
+    ref, var = variants
+    for seed in (2, 3):
+        for f in (ref / "rte" / "squat-w2a8" / f"seed{seed}").iterdir():
+            f.unlink()
+        (ref / "rte" / "squat-w2a8" / f"seed{seed}").rmdir()
+    found = {v.method: v for v in write_variants(var, ref, tmp_path / "out")}
+    assert found["cheap"].pairs == 1 and found["cheap"].mean == pytest.approx(-1.0)
+    assert found["cheap"].within_noise is None
+    assert "| cheap | 1 | -1.00 | [-1.00, -1.00] | - | - | 1.25x | yes |" in (tmp_path / "out" / "variants.md").read_text()

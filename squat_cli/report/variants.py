@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,8 @@ class Verdict:
     hi: float
     noise: float
     cost: float
-    within_noise: bool
+    within_noise: Optional[bool]
+    """None when it cannot be told: no pairs, or the target has fewer than two seeds in a cell (no noise)."""
     meets_cost: bool
 
 
@@ -101,13 +103,17 @@ def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> 
         mean = float(d.mean()) if len(d) else float("nan")
         lo, hi = bootstrap_ci(d)
         cost = cost_ratio(runs, method, baseline)
-        within = bool(len(d) and not np.isnan(noise) and mean > -noise and lo <= 0 <= hi)
+        within = None if not len(d) or np.isnan(noise) else bool(mean > -noise and lo <= 0 <= hi)
         out.append(Verdict(method, len(d), mean, lo, hi, noise, cost, within, bool(cost <= goal)))
     return out
 
 
 def _f(v, fmt: str = ".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def _yes_no(v: Optional[bool]) -> str:
+    return "-" if v is None else ("yes" if v else "no")
 
 
 def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float) -> str:
@@ -129,7 +135,7 @@ def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, bas
               "|---|---|---|---|---|---|---|---|"]
     for v in found:
         lines.append(f"| {v.method} | {v.pairs} | {_f(v.mean, '+.2f')} | [{_f(v.lo, '+.2f')}, {_f(v.hi, '+.2f')}] | "
-                     f"{_f(v.noise)} | {'yes' if v.within_noise else 'no'} | {_f(v.cost)}x | "
+                     f"{_f(v.noise)} | {_yes_no(v.within_noise)} | {_f(v.cost)}x | "
                      f"{'yes' if v.meets_cost else 'no'} |")
     both = [v.method for v in found if v.within_noise and v.meets_cost]
     lines += ["", f"Variants that do both: {', '.join(both) if both else 'none'}."]
