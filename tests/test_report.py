@@ -124,10 +124,14 @@ def test_sharpness_scores_whose_ascent_stopped_inside_the_ball_are_flagged(tmp_p
     rep = write_report(root, tmp_path / "rep")
     t3, t4 = (t.frame.set_index(["method", "W/A"]).loc[("LSQ", "2/8")] for t in rep.tables[2:4])
     assert t4["RTE_short"] == 1 and t3["RTE_short"] == 0
+    # the cell shows the smallest final ||delta_T|| among its ascents: seed 2's 0.012 at rho 0.05
+    assert t4["RTE_delta"] == pytest.approx(0.012) and t3["RTE_delta"] == pytest.approx(0.01)
     md4 = (tmp_path / "rep" / "table4.md").read_text()
-    assert "0.10000 ± 0.00000 (n=3), L0 0.600 †1" in md4 and "stopped inside the ball" in md4
+    assert "0.10000 ± 0.00000 (n=3), L0 0.600, ‖δ‖ 0.0120 †1" in md4 and "stopped inside the ball" in md4
+    assert "0.02000 ± 0.00000 (n=3), L0 0.600, ‖δ‖ 0.0100" in (tmp_path / "rep" / "table3.md").read_text()
     assert "†" not in (tmp_path / "rep" / "table3.md").read_text()
     assert "RTE_short" in (tmp_path / "rep" / "table4.csv").read_text().splitlines()[0]
+    assert "RTE_delta" in (tmp_path / "rep" / "table4.csv").read_text().splitlines()[0]
 
 
 def test_paired_claims_by_hand(tmp_path):

@@ -32,7 +32,7 @@ def stopped_short(key: str, entry: dict) -> bool:
 class Collected:
     results: pd.DataFrame
     """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (an ascent that
-    stopped inside the ball)."""
+    stopped inside the ball), delta (the ascent's final ||delta_T||, where recorded)."""
     recipes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -71,21 +71,24 @@ def collect(root: Path) -> Collected:
             continue
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
         for k in task.metric_names():
-            rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False})
+            rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False,
+                         "delta": None})
         if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
             rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
-                         "short": False})
+                         "short": False, "delta": None})
         if run.sharpness_file.is_file():
             try:
                 sharp = read_json(run.sharpness_file)
                 for key, entry in sharp.items():
+                    delta = entry.get("delta_norm")
                     rows.append({**base, "metric": f"sharpness:{key}", "value": float(entry["score"]),
-                                 "loss0": float(entry["loss0"]), "short": stopped_short(key, entry)})
+                                 "loss0": float(entry["loss0"]), "short": stopped_short(key, entry),
+                                 "delta": float(delta) if isinstance(delta, (int, float)) else None})
             except (SquatError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append((str(run.sharpness_file), "unreadable sharpness.json (metrics still used)"))
         try:
             recipes.append({**base, "recipe": read_yaml(run.recipe_file)})
         except SquatError:
             recipes.append({**base, "recipe": {}})
-    cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0", "short"]
+    cols = ["task", "method", "wbits", "abits", "seed", "metric", "value", "loss0", "short", "delta"]
     return Collected(pd.DataFrame(rows, columns=cols), recipes, skipped)

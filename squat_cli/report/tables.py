@@ -47,10 +47,14 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, sample std and seed count per (method, wbits, abits, task, metric)."""
     if results.empty:
         return pd.DataFrame(columns=["method", "wbits", "abits", "task", "metric", "mean", "std", "n", "loss0",
-                                     "short"])
+                                     "short", "delta"])
     g = results.groupby(["method", "wbits", "abits", "task", "metric"], dropna=False)
     out = g["value"].agg(mean="mean", std=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="count")
     out["loss0"] = g["loss0"].mean()
+    # the smallest final ||delta_T|| among the cell's ascents: at rho, every one of them reached the ball's edge
+    out["delta"] = pd.to_numeric(results["delta"], errors="coerce").groupby(
+        [results[k] for k in ("method", "wbits", "abits", "task", "metric")], dropna=False).min() \
+        if "delta" in results else np.nan
     short = results["short"] if "short" in results else pd.Series(False, index=results.index)
     out["short"] = short.fillna(False).astype(bool).groupby(
         [results[k] for k in ("method", "wbits", "abits", "task", "metric")], dropna=False).sum()
@@ -81,12 +85,13 @@ def _build(agg: pd.DataFrame, table: str, title: str, cells: list[tuple[str, str
             paper = paper_value(table, method, wbits, task, paper_metric)
             if hit.empty:
                 rec.update({col: np.nan, f"{col}_std": np.nan, f"{col}_n": 0, f"{col}_paper": paper,
-                            f"{col}_diff": np.nan, f"{col}_loss0": np.nan, f"{col}_short": 0})
+                            f"{col}_diff": np.nan, f"{col}_loss0": np.nan, f"{col}_short": 0,
+                            f"{col}_delta": np.nan})
                 continue
             h = hit.iloc[0]
             rec.update({col: h["mean"], f"{col}_std": h["std"], f"{col}_n": int(h["n"]), f"{col}_paper": paper,
                         f"{col}_diff": (h["mean"] - paper) if paper is not None else np.nan,
-                        f"{col}_loss0": h["loss0"], f"{col}_short": int(h["short"])})
+                        f"{col}_loss0": h["loss0"], f"{col}_short": int(h["short"]), f"{col}_delta": h["delta"]})
         records.append(rec)
     frame = pd.DataFrame.from_records(records)
     return Table(table, title, frame, [c for _, _, c in cells], digits)
@@ -103,7 +108,8 @@ def build_tables(results: pd.DataFrame) -> list[Table]:
         rho = key.split("=")[1]
         cells = [(t, f"sharpness:{key}", TASKS[t].display) for t in PAPER_TASKS]
         tables.append(_build(agg, name, f"Table {name[-1]}: sharpness at rho = {rho} (lower is flatter; L0 = loss "
-                             "at the trained weights)", cells, 5))
+                             "at the trained weights; ‖δ‖ = the smallest final perturbation norm ||delta_T|| among "
+                             "the cell's ascents)", cells, 5))
     return tables
 
 
@@ -124,6 +130,9 @@ def cell_text(row: pd.Series, col: str, digits: int, with_paper: bool = True) ->
         loss0 = row.get(f"{col}_loss0")
         if loss0 is not None and not (isinstance(loss0, float) and np.isnan(loss0)):
             text += f", L0 {loss0:.3f}"
+        delta = row.get(f"{col}_delta")
+        if delta is not None and not (isinstance(delta, float) and np.isnan(delta)):
+            text += f", ‖δ‖ {delta:.4f}"
         if row.get(f"{col}_short"):
             text += f" {SHORT_MARK}{int(row[f'{col}_short'])}"
     paper = row.get(f"{col}_paper")
@@ -156,5 +165,5 @@ def to_csv(table: Table) -> str:
     for c in table.columns:
         cols += [c, f"{c}_std", f"{c}_n", f"{c}_paper", f"{c}_diff"]
         if table.name in ("table3", "table4"):
-            cols += [f"{c}_loss0", f"{c}_short"]
+            cols += [f"{c}_loss0", f"{c}_short", f"{c}_delta"]
     return table.frame[cols].to_csv(index=False, float_format=f"%.{table.digits + 2}f")
