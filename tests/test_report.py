@@ -155,7 +155,8 @@ def test_paired_claims_by_hand(tmp_path):
     assert f"| C1 | SQuAT - LSQ, main dev metric (points) | W2 | 3 | +0.83 | [{lo:+.2f}, {hi:+.2f}] | 2/1 |" in md
     # two usable sharpness pairs (seed 3's SQuAT ascent stopped short): -0.2 each, so SQuAT is flatter
     assert "| C2 | SQuAT - LSQ, sharpness at rho 0.05 (negative: SQuAT flatter) | W2 | 2 | -0.20000 |" in md
-    assert md.splitlines()[[i for i, line in enumerate(md.splitlines()) if "rho 0.05" in line][0]].endswith("| 1 |")
+    assert [line for line in md.splitlines() if line.startswith("| C2 | SQuAT - LSQ, sharpness at rho 0.05")][0] \
+        .endswith("| 1 |")
     assert "| squat | 2/8 | 3 | 300 | 3.00x |" in md and "| lsq | 2/8 | 3 | 100 | 1.00x |" in md
     pairs = (tmp_path / "rep" / "pairs.csv").read_text().splitlines()
     assert pairs[0] == "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff"
@@ -281,3 +282,91 @@ def test_variants_within_noise_unknown_with_one_target_seed(variants, tmp_path):
     assert found["cheap"].pairs == 1 and found["cheap"].mean == pytest.approx(-1.0)
     assert found["cheap"].within_noise is None
     assert "| cheap | 1 | -1.00 | [-1.00, -1.00] | - | - | 1.25x | yes |" in (tmp_path / "out" / "variants.md").read_text()
+
+
+def test_verdict_cells_and_rules_by_hand():
+    from squat_cli.report.verdicts import Cell, cell, combine
+
+    assert cell("a", np.array([1.0, 2.0, 3.0]), +1).side == "for"
+    assert cell("a", np.array([-1.0, -2.0, -3.0]), +1).side == "against"
+    assert cell("a", np.array([-1.0, -2.0, -3.0]), -1).side == "for"
+    mixed = cell("a", np.array([-1.0, 2.0, 0.5]), +1)
+    assert mixed.side == "undecided" and mixed.mean == pytest.approx(0.5) and mixed.n == 3
+    c = {s: Cell("x", 3, 0.0, 0.0, 0.0, s) for s in ("for", "against", "undecided")}
+    assert combine([c["for"], c["for"]]) == "holds"
+    assert combine([c["for"], c["against"]]) == "partly"
+    assert combine([c["undecided"], c["against"]]) == "contradicted"
+    assert combine([c["undecided"], c["undecided"]]) == "not shown"
+    assert combine([]) == "no data"
+
+
+@pytest.fixture
+def claims_grid(tmp_path):
+    """RTE and CoLA, 3 seeds, FP 60 everywhere. SQuAT - LSQ: W2 +1/+2/+3 points on both tasks, W4 -1/+1/+0.5 on
+    both. Sharpness: SQuAT 0.1 under LSQ at both radii (one RTE rho 0.05 pair short). joint W2: -1/0/+2 against
+    LSQ, -2/-2/-1 against SQuAT. SQuAT W4 on CoLA is 60/61/60 (FP 60), under FP everywhere else."""
+    root = tmp_path / "runs"
+    metric = {"rte": "accuracy", "cola": "matthews_correlation"}
+    table = {  # (task, bits) -> per seed (lsq, squat)
+        ("rte", 2): ((0.50, 0.51), (0.51, 0.53), (0.52, 0.55)),
+        ("cola", 2): ((0.50, 0.51), (0.51, 0.53), (0.52, 0.55)),
+        ("rte", 4): ((0.59, 0.58), (0.58, 0.59), (0.575, 0.58)),
+        ("cola", 4): ((0.61, 0.60), (0.60, 0.61), (0.595, 0.60)),
+    }
+    for (task, bits), rows in table.items():
+        m = metric[task]
+        for seed, (lsq, sq) in zip((1, 2, 3), rows):
+            short = task == "rte" and bits == 2 and seed == 3
+            make_run(root, task, f"lsq-w{bits}a8", seed, {m: lsq},
+                     sharp={"ascent/rho=0.01": {"score": 0.3, "loss0": 0.5, "delta_norm": 0.01},
+                            "ascent/rho=0.05": {"score": 0.6, "loss0": 0.5, "delta_norm": 0.05}})
+            make_run(root, task, f"squat-w{bits}a8", seed, {m: sq},
+                     sharp={"ascent/rho=0.01": {"score": 0.2, "loss0": 0.6, "delta_norm": 0.01},
+                            "ascent/rho=0.05": {"score": 0.5, "loss0": 0.6, "delta_norm": 0.01 if short else 0.05}})
+    for task in ("rte", "cola"):
+        for seed, joint in zip((1, 2, 3), (0.49, 0.51, 0.54)):
+            make_run(root, task, "fp", seed, {metric[task]: 0.60})
+            make_run(root, task, "joint-w2a8", seed, {metric[task]: joint})
+    return root
+
+
+def test_verdicts_by_hand(claims_grid, tmp_path):
+    from squat_cli.report.collect import collect
+    from squat_cli.report.verdicts import all_verdicts
+
+    results = collect(claims_grid).results
+    v = {x.claim: x for x in all_verdicts(results)}
+    # C1: W2 every pair +1..+3 (for), W4 -1/+1/+0.5 twice (undecided): partly; pooled (12 + 1) / 12 = 1.08
+    assert v["C1"].verdict == "partly" and not v["C1"].provisional
+    assert "W2 +2.00" in v["C1"].evidence and "(n=6, for)" in v["C1"].evidence
+    assert "W4 +0.17" in v["C1"].evidence and "(n=6, undecided)" in v["C1"].evidence
+    assert "Pooled over 12 pairs: +1.08" in v["C1"].evidence and "is inside it" in v["C1"].evidence
+    # C2: SQuAT 0.1 flatter in every (task, radius) cell; the short RTE pair left out (5 of 6 there)
+    assert v["C2"].verdict == "holds"
+    assert "rte rho 0.05 -0.1000 [-0.1000, -0.1000] (n=5, for)" in v["C2"].evidence
+    assert "Left out (an ascent stopped inside the ball): 1 pair at rho 0.05" in v["C2"].evidence
+    assert v["C2"].provisional  # the pair left out leaves RTE W2 at rho 0.05 with 2 seeds
+    assert "L(W0) difference SQuAT - LSQ over the cells: +0.1000" in v["C2"].evidence
+    # C3: joint under SQuAT on every pair (-2/-2/-1); under LSQ on seed 1 of each task only
+    assert v["C3"].verdict == "holds" and "W2 -1.67" in v["C3"].evidence and "(n=6, for)" in v["C3"].evidence
+    assert "joint under LSQ in 2 of 6 pairs (not often), mean +0.33" in v["C3"].evidence
+    # C4: SQuAT W4 vs FP 60: RTE 58/59/58 (under), CoLA 60/61/60 (mean +0.33, one cell above, not decided)
+    assert v["C4"].verdict == "holds"
+    assert "1 of 2 (task, bits) cells have SQuAT's mean above FP's (cola W4); 0 with the whole interval" \
+        in v["C4"].evidence
+    assert "cola W4 +0.33" in v["C4"].evidence
+
+
+def test_verdicts_provisional_until_every_cell_has_three_seeds(claims_grid, tmp_path):
+    import shutil
+
+    from squat_cli.report.collect import collect
+    from squat_cli.report.verdicts import all_verdicts
+
+    shutil.rmtree(claims_grid / "cola" / "squat-w4a8" / "seed3")
+    v = {x.claim: x for x in all_verdicts(collect(claims_grid).results)}
+    assert v["C1"].provisional and v["C4"].provisional and v["C2"].provisional
+    assert not v["C3"].provisional  # joint and SQuAT W2 still have 3 seeds everywhere
+    write_report(claims_grid, tmp_path / "rep")
+    md = (tmp_path / "rep" / "claims.md").read_text()
+    assert md.startswith("### Verdicts") and "| C1 | partly (provisional) |" in md and "| C3 | holds |" in md

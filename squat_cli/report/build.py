@@ -10,6 +10,7 @@ from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.figures import figure2, figure3
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
+from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
 from squat_cli.runs import write_text
 
 PAPER_SETUP = {
@@ -132,7 +133,7 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
     parts += [f"![{p.stem}]({p.name})" for p in figures]
     claims, pair_tables = claim_summaries(col.results)
     if claims:
-        md = claims_markdown(claims, cost_table(col.results))
+        md = verdicts_markdown(all_verdicts(col.results)) + "\n" + claims_markdown(claims, cost_table(col.results))
         write_text(folder / "claims.md", md)
         write_text(folder / "pairs.csv", pairs_csv(pair_tables))
         parts += ["", md]
