@@ -31,6 +31,7 @@ def test_tiny_run_folder_skip_and_force(tmp_path, glue_dir, tiny_bert):
     assert 0 <= m["accuracy"] <= 1 and m["wall_time_s"] > 0 and m["train_examples"] == 64
     # training time excludes evaluation and saving; samples/s counts the examples of the 6 steps' epochs
     assert 0 < m["train_time_s"] < m["wall_time_s"]
+    assert 0 < m["cpu_share"] < 4  # CPU time of the steps over their wall time x torch's threads (about 1 alone)
     assert m["train_samples_per_s"] == pytest.approx(64 * m["epochs"] / m["train_time_s"], rel=0.05)
     rec = yaml.safe_load((run / "recipe.yaml").read_text())
     assert rec["data"]["task"] == "rte" and rec["train"]["max_steps"] == 6 and rec["model"]["name_or_path"] == str(tiny_bert)

@@ -143,8 +143,9 @@ def test_paired_claims_by_hand(tmp_path):
     for seed, (lsq, sq) in zip((1, 2, 3), ((0.50, 0.52), (0.60, 0.61), (0.55, 0.545))):
         make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": lsq, "steps": 10, "train_time_s": 100.0},
                  sharp={"ascent/rho=0.05": {"score": 0.3, "loss0": 0.5, "delta_norm": 0.05}})
-        slow = 900.0 if seed == 2 else 300.0  # one run slowed by other work on the machine: medians ignore it
-        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": sq, "steps": 10, "train_time_s": slow},
+        slow = 900.0 if seed == 2 else 300.0  # one run slowed by other work on the machine, recorded as such
+        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": sq, "steps": 10, "train_time_s": slow,
+                                                   "cpu_share": 0.35 if seed == 2 else 0.93},
                  sharp={"ascent/rho=0.05": {"score": 0.1, "loss0": 0.6,
                                             "delta_norm": 0.05 if seed != 3 else 0.01}})
         make_run(root, "rte", "fp", seed, {"accuracy": 0.5, "steps": 10, "train_time_s": 90.0})
@@ -157,7 +158,8 @@ def test_paired_claims_by_hand(tmp_path):
     assert "| C2 | SQuAT - LSQ, sharpness at rho 0.05 (negative: SQuAT flatter) | W2 | 2 | -0.20000 |" in md
     assert [line for line in md.splitlines() if line.startswith("| C2 | SQuAT - LSQ, sharpness at rho 0.05")][0] \
         .endswith("| 1 |")
-    assert "| squat | 2/8 | 3 | 300 | 3.00x |" in md and "| lsq | 2/8 | 3 | 100 | 1.00x |" in md
+    # the run that shared the CPU (cpu_share 0.35) is left out of the cost and counted
+    assert "| squat | 2/8 | 2 | 300 | 3.00x | 1 |" in md and "| lsq | 2/8 | 3 | 100 | 1.00x | 0 |" in md
     pairs = (tmp_path / "rep" / "pairs.csv").read_text().splitlines()
     assert pairs[0] == "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff"
     assert "squat-vs-lsq,rte,2,1,52,50,2,False," in "\n".join(pairs)
@@ -226,6 +228,10 @@ def variants(tmp_path):
         for seed, v, t in zip((1, 2, 3), vals, times):
             make_run(var / name, "rte", "squat-w2a8", seed, {"accuracy": v, "steps": 10, "train_time_s": t},
                      sharp={"ascent/rho=0.01": {"score": 0.01 * seed, "loss0": 0.5, "delta_norm": 0.01}})
+    # a fourth variant timed while the CPU was shared on seed 2: that time is no cost (left out, shown as -)
+    for seed, t, share in ((1, 200.0, 0.95), (2, 900.0, 0.4), (3, 200.0, 0.95)):
+        make_run(var / "shared", "rte", "squat-w2a8", seed,
+                 {"accuracy": 0.66, "steps": 10, "train_time_s": t, "cpu_share": share})
     return ref, var
 
 
@@ -234,7 +240,8 @@ def test_variants_verdicts_match_hand_computation(variants, tmp_path):
 
     ref, var = variants
     found = {v.method: v for v in write_variants(var, ref, tmp_path / "out")}
-    assert sorted(found) == ["bad", "cheap", "slow"]
+    assert sorted(found) == ["bad", "cheap", "shared", "slow"]
+    assert found["shared"].cost == pytest.approx(2.0)  # seeds 1 and 3; seed 2's 900 s shared the CPU
     cheap, bad, slow = found["cheap"], found["bad"], found["slow"]
     # squat's seeds 66 / 64 / 68: variance 4, noise 2 points
     assert cheap.noise == pytest.approx(2.0)
@@ -246,8 +253,9 @@ def test_variants_verdicts_match_hand_computation(variants, tmp_path):
     assert slow.mean == 0 and slow.lo == slow.hi == 0 and slow.within_noise
     assert slow.cost == pytest.approx(2.5) and not slow.meets_cost
     rows = (tmp_path / "out" / "variants.csv").read_text().splitlines()
-    assert len(rows) == 1 + 15  # 3 variants + LSQ + SQuAT, 3 seeds each; the W4 and joint reference runs left out
+    assert len(rows) == 1 + 18  # 4 variants + LSQ + SQuAT, 3 seeds each; the W4 and joint reference runs left out
     md = (tmp_path / "out" / "variants.md").read_text()
+    assert "| shared | rte | 2/8 | 2 | 66.00 | - | - | - | - |" in md
     assert "| cheap | rte | 2/8 | 3 | 66.00 | 125 | 1.25x | 0.03000 | - |" in md
     assert "Variants that do both: cheap." in md
     assert (tmp_path / "out" / "variants.png").read_bytes()[:4] == b"\x89PNG"

@@ -137,10 +137,14 @@ def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.
 
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:
     """Median training time (s) per method and W/A, and the median over (task, seed) pairs of its ratio to the LSQ
-    run of the same task, bits and seed. Medians: a run slowed by other work on a shared machine moves neither."""
+    run of the same task, bits and seed. Runs recorded as sharing the CPU (``cpu_share``) are left out and
+    counted; medians keep a slowed run that was not recorded as such from moving either figure much."""
     t = results[results.metric == "train_time_s"] if not results.empty else results
     if t.empty:
-        return pd.DataFrame(columns=["method", "wbits", "abits", "runs", "train_s", "vs_lsq"])
+        return pd.DataFrame(columns=["method", "wbits", "abits", "runs", "train_s", "vs_lsq", "contended"])
+    flagged = t["short"].fillna(False).astype(bool)
+    left_out = t[flagged].groupby(["method", "wbits", "abits"]).size()
+    t = t[~flagged]
     g = t.groupby(["method", "wbits", "abits"])["value"].agg(runs="count", train_s="median").reset_index()
     ratios = []
     for r in g.itertuples(index=False):
@@ -149,6 +153,7 @@ def cost_table(results: pd.DataFrame) -> pd.DataFrame:
         both = mine.merge(lsq, on=["task", "seed"], suffixes=("", "_lsq"))
         ratios.append(float((both["value"] / both["value_lsq"]).median()) if len(both) else float("nan"))
     g["vs_lsq"] = ratios
+    g["contended"] = [int(left_out.get((r.method, r.wbits, r.abits), 0)) for r in g.itertuples(index=False)]
     return g
 
 
@@ -170,11 +175,13 @@ def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
                      f"[{_f(r.lo, digits)}, {_f(r.hi, digits)}] | {r.wins}/{r.losses} | {p} | {r.excluded} |")
     if not cost.empty:
         lines += ["", "### Cost: training time per run (steps only, this machine)", "",
-                  "| method | W/A | runs | median train s | vs LSQ (median of per-run ratios, same task and seed) |",
-                  "|---|---|---|---|---|"]
+                  "| method | W/A | runs | median train s | vs LSQ (median of per-run ratios, same task and seed) "
+                  "| left out (CPU shared) |",
+                  "|---|---|---|---|---|---|"]
         for r in cost.itertuples(index=False):
             ratio = "-" if np.isnan(r.vs_lsq) else f"{r.vs_lsq:.2f}x"
-            lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {r.train_s:.0f} | {ratio} |")
+            lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {r.train_s:.0f} | {ratio} | "
+                         f"{r.contended} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,13 @@ from squat_cli.sharpness import reached_edge
 from squat_cli.yaml_safe import read_yaml
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
+CONTENDED_SHARE = 0.75  # a run that got less of its threads' time than this shared the CPU: its time is no cost
+
+
+def contended(metrics: dict) -> bool:
+    """Whether the run's training shared the CPU with other work (its ``cpu_share``); False if unrecorded."""
+    share = metrics.get("cpu_share")
+    return isinstance(share, (int, float)) and share < CONTENDED_SHARE
 
 
 def stopped_short(key: str, entry: dict) -> bool:
@@ -31,8 +38,9 @@ def stopped_short(key: str, entry: dict) -> bool:
 @dataclass
 class Collected:
     results: pd.DataFrame
-    """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (an ascent that
-    stopped inside the ball), delta (the ascent's final ||delta_T||, where recorded)."""
+    """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (the value is not
+    representative: a sharpness ascent that stopped inside the ball, or a train time measured while other work
+    shared the CPU), delta (the ascent's final ||delta_T||, where recorded)."""
     recipes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -75,7 +83,7 @@ def collect(root: Path) -> Collected:
                          "delta": None})
         if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
             rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
-                         "short": False, "delta": None})
+                         "short": contended(metrics), "delta": None})
         if run.sharpness_file.is_file():
             try:
                 sharp = read_json(run.sharpness_file)

@@ -73,6 +73,9 @@ def run_table(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, task, wbits, abits, seed), g in results.groupby(["method", "task", "wbits", "abits", "seed"]):
         by = dict(zip(g.metric, g.value))
+        shared = g[(g.metric == "train_time_s") & g["short"].fillna(False).astype(bool)]
+        if len(shared):  # timed while other work shared the CPU: no cost figure
+            by.pop("train_time_s")
         short = bool(g[g.metric.str.startswith("sharpness:")]["short"].fillna(False).astype(bool).any())
         rows.append({"method": method, "task": task, "wbits": wbits, "abits": abits, "seed": seed,
                      "value": by.get(TASKS[task].main_metric), "train_time_s": by.get("train_time_s"),
@@ -123,7 +126,7 @@ def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, bas
     base = runs[runs.method == baseline].set_index(["task", "wbits", "seed"])["train_time_s"]
     for r in runs.sort_values(["wbits", "method", "task", "seed"]).itertuples(index=False):
         b = base.get((r.task, r.wbits, r.seed))
-        ratio = f"{r.train_time_s / b:.2f}x" if b and r.train_time_s is not None else "-"
+        ratio = f"{r.train_time_s / b:.2f}x" if b and pd.notna(b) and pd.notna(r.train_time_s) else "-"
         flag = " (ascent short)" if r.short else ""
         lines.append(f"| {r.method} | {r.task} | {r.wbits}/{r.abits} | {r.seed} | {_f(r.value)} | "
                      f"{_f(r.train_time_s, '.0f')} | {ratio} | {_f(r[7], '.5f')} | {_f(r[8], '.5f')}{flag} |")

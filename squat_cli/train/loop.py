@@ -152,6 +152,9 @@ class FitResult:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     """Wall time of the training steps alone (without evaluation and checkpoints)."""
+    train_cpu_s: float = 0.0
+    """This process's CPU time (all its threads) over the same steps."""
+    threads: int = 1
     train_loss: float = float("nan")
 
 
@@ -223,6 +226,7 @@ def fit(
         reporter.message(f"resumed from step {st['step']} (epoch {st['epoch']}, batch {st['batch']})")
     last_metrics: dict[str, float] = st["history"][-1] if st["history"] else {}
     start = time.perf_counter() - st["elapsed"]
+    cpu_start = time.process_time() - st.get("cpu_elapsed", 0.0)
     n_epochs = math.ceil(total / spe)
     model.train()
     tracking = Tracking(acc)
@@ -232,7 +236,7 @@ def fit(
 
     def run_eval(at_epoch: float) -> None:
         nonlocal last_metrics
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = evaluate(core, task, dev, t.eval_batch_size, pad_id, device, acc.autocast)
         recent = st["recent"]
         rec = {"step": st["step"], "epoch": round(at_epoch, 4), **m,
@@ -246,15 +250,17 @@ def fit(
         shown = ", ".join(f"{k} {m[k]:.4f}" for k in task.metric_names())
         reporter.message(f"step {st['step']} epoch {at_epoch:.2f}: {shown}, eval_loss {m['eval_loss']:.4f}")
         st["overhead"] = st.get("overhead", 0.0) + time.perf_counter() - t0
+        st["cpu_overhead"] = st.get("cpu_overhead", 0.0) + time.process_time() - c0
 
     def save() -> None:
         if checkpoint_dir is None or not acc.is_main_process:
             return
-        t0 = time.perf_counter()
-        st["elapsed"] = t0 - start
+        t0, c0 = time.perf_counter(), time.process_time()
+        st["elapsed"], st["cpu_elapsed"] = t0 - start, c0 - cpu_start
         st["strategy_steps"] = strategy.step_count
         save_checkpoint(checkpoint_dir, core, optimizers, schedulers, st, strategy.state_tensors())
         st["overhead"] = st.get("overhead", 0.0) + time.perf_counter() - t0
+        st["cpu_overhead"] = st.get("cpu_overhead", 0.0) + time.process_time() - c0
 
     try:
         if t.eval_at_start and st["step"] == 0 and not st["history"]:
@@ -304,9 +310,11 @@ def fit(
         tracking.end()
     recent = st["recent"]
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     return FitResult(
         metrics=last_metrics, history=st["history"], steps=st["step"], epochs=st["step"] / spe,
         train_examples=len(train_enc), wall_time_s=wall, train_time_s=wall - st.get("overhead", 0.0),
+        train_cpu_s=cpu - st.get("cpu_overhead", 0.0), threads=torch.get_num_threads(),
         train_loss=float(np.mean(recent)) if recent else float("nan"),
     )
 
