@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from squat_cli.allocator import tune_allocator
 from squat_cli.batching import eval_loader, train_loader
 from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
@@ -150,8 +151,10 @@ def _train_and_save(
     With several processes only the main one writes; the others train alongside it.
     """
     main = acc.is_main_process
+    allocator = tune_allocator() if acc.device.type == "cpu" else "device"
     if main:
-        env_extra = {**env_extra, "processes": acc.num_processes, "precision": recipe.train.precision}
+        env_extra = {**env_extra, "processes": acc.num_processes, "precision": recipe.train.precision,
+                     "cpu_allocator": allocator}
         _start_run_folder(run, recipe, str(acc.device), env_extra, resuming)
     acc.wait_for_everyone()
     task = data.task
