@@ -13,7 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from squat_cli.allocator import tune_allocator  # noqa: E402
 from squat_cli.data import resolve_data_dir  # noqa: E402
+
+ALLOCATOR = tune_allocator()  # as `squat` training does (SQUAT_CPU_ALLOCATOR=system: glibc's defaults)
 
 
 def machine_lines() -> list[str]:
@@ -23,7 +26,7 @@ def machine_lines() -> list[str]:
     return [f"- machine: {platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
             f"{platform.platform()}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
-            f"- command: `python {' '.join(sys.argv)}`"]
+            f"- command: `python {' '.join(sys.argv)}`", f"- CPU allocator: {ALLOCATOR}"]
 
 
 def glue_dir(option: str | None) -> Path:
