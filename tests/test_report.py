@@ -378,3 +378,13 @@ def test_verdicts_provisional_until_every_cell_has_three_seeds(claims_grid, tmp_
     write_report(claims_grid, tmp_path / "rep")
     md = (tmp_path / "rep" / "claims.md").read_text()
     assert md.startswith("### Verdicts") and "| C1 | partly (provisional) |" in md and "| C3 | holds |" in md
+
+
+def test_verdicts_provisional_while_a_task_has_no_pairs_yet(claims_grid):
+    from squat_cli.report.collect import collect
+    from squat_cli.report.verdicts import all_verdicts
+
+    make_run(claims_grid, "mrpc", "fp", 1, {"accuracy": 0.8, "f1": 0.85})  # the next task's FP run has finished
+    v = {x.claim: x for x in all_verdicts(collect(claims_grid).results)}
+    assert all(x.provisional for x in v.values())
+    assert v["C1"].verdict == "partly"  # the verdict itself rests on the pairs there are

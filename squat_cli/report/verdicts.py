@@ -29,7 +29,8 @@ lies on the other side, and *undecided* otherwise. A claim made for every cell
   counted beside it. Otherwise ``not observed``.
 
 A verdict is ``provisional`` while any cell it rests on has fewer pairs per
-task than ``min_seeds`` (the grid's seed count). The percentile bootstrap is
+task than ``min_seeds`` (the grid's seed count), or while a task that has runs
+in the folder (its FP runs, say, early in a grid) has no pairs for the claim. The percentile bootstrap is
 narrow for few pairs: a cell of 3 pairs is "for" only when all 3 are on the
 claim's side, which is weak evidence on its own; the pairs are shown so that a
 reader can weigh it.
@@ -94,6 +95,11 @@ def _few_seeds(df: pd.DataFrame, min_seeds: int, keys: tuple[str, ...] = ("task"
     return bool((df.groupby(list(keys))["seed"].nunique() < min_seeds).any())
 
 
+def _missing_tasks(results: pd.DataFrame, found: pd.DataFrame) -> bool:
+    """A task with runs in the folder but no pairs for the claim (yet)."""
+    return bool(set(results.task) - set(found.task)) if len(found) else True
+
+
 def _cells_text(cells: list[Cell], digits: int = 2) -> str:
     return "; ".join(f"{c.label} {c.mean:+.{digits}f} [{c.lo:+.{digits}f}, {c.hi:+.{digits}f}] (n={c.n}, {c.side})"
                      for c in cells)
@@ -108,7 +114,7 @@ def c1(results: pd.DataFrame, min_seeds: int) -> Verdict:
         inside = "inside" if lo <= PAPER_GAIN <= hi else "outside"
         text += (f". Pooled over {len(p)} pairs: {p['diff'].mean():+.2f} [{lo:+.2f}, {hi:+.2f}]; the paper's "
                  f"+{PAPER_GAIN:g} is {inside} it")
-    return Verdict("C1", combine(cells), text, _few_seeds(p, min_seeds))
+    return Verdict("C1", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
 
 
 def c2(results: pd.DataFrame, min_seeds: int) -> Verdict:
@@ -120,7 +126,7 @@ def c2(results: pd.DataFrame, min_seeds: int) -> Verdict:
             n = int(p["short"].sum())
             left_out.append(f"{n} pair{'s' if n > 1 else ''} at rho {rho}")
             p = p[~p["short"]]
-        few = few or _few_seeds(p, min_seeds)
+        few = few or _few_seeds(p, min_seeds) or _missing_tasks(results, p)
         for task in sorted(p.task.unique()):
             t = p[p.task == task]
             cells.append(cell(f"{task} rho {rho}", t["diff"].to_numpy(), -1))
@@ -142,7 +148,7 @@ def c3(results: pd.DataFrame, min_seeds: int) -> Verdict:
         k = int((q["diff"] < 0).sum())
         often = "often" if k >= len(q) / 2 else "not often"
         text += f". joint under LSQ in {k} of {len(q)} pairs ({often}), mean {q['diff'].mean():+.2f}"
-    return Verdict("C3", combine(cells), text, _few_seeds(p, min_seeds))
+    return Verdict("C3", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
 
 
 def c4(results: pd.DataFrame, min_seeds: int) -> Verdict:
@@ -155,7 +161,7 @@ def c4(results: pd.DataFrame, min_seeds: int) -> Verdict:
     text = (f"{len(above)} of {len(cells)} (task, bits) cells have SQuAT's mean above FP's"
             + (f" ({', '.join(c.label for c in above)})" if above else "")
             + f"; {len(sure)} with the whole interval above 0. " + _cells_text(cells))
-    return Verdict("C4", verdict, text, _few_seeds(p, min_seeds))
+    return Verdict("C4", verdict, text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
 
 
 def all_verdicts(results: pd.DataFrame, min_seeds: int = 3) -> list[Verdict]:
@@ -169,7 +175,7 @@ def verdicts_markdown(found: list[Verdict], min_seeds: int = 3) -> str:
              "By the decision rules of `squat_cli/report/verdicts.py`: a cell is "
              "*for* a claim when its 95% bootstrap interval lies wholly on the claim's side of 0, *against* when "
              "wholly on the other side. `provisional`: some cell has fewer than "
-             f"{min_seeds} seeds.", "",
+             f"{min_seeds} seeds, or a task with runs here has no pairs for the claim yet.", "",
              "| claim | verdict | evidence (mean [95% interval], pairs) |", "|---|---|---|"]
     for v in found:
         verdict = f"{v.verdict} (provisional)" if v.provisional else v.verdict
