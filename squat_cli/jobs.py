@@ -119,7 +119,8 @@ def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dic
         "train_time_s": round(result.train_time_s, 3),
         "train_samples_per_s": round(result.train_examples * result.epochs / max(result.train_time_s, 1e-9), 2),
         # the share of its threads' time the run got: well under 1 when something else shared the CPU
-        "cpu_share": round(result.train_cpu_s / max(result.train_time_s * result.threads, 1e-9), 3),
+        "cpu_share": round(result.train_cpu_s / (result.train_time_s * result.threads), 3)
+        if result.train_time_s > 0 else None,  # None: no training steps (PTQ, GOBO)
     }
     out.update(extra)
     return out
