@@ -89,10 +89,11 @@ def combine(cells: list[Cell]) -> str:
     return "contradicted" if "against" in sides else "not shown"
 
 
-def _few_seeds(df: pd.DataFrame, min_seeds: int, keys: tuple[str, ...] = ("task", "wbits")) -> bool:
+def _few_seeds(df: pd.DataFrame, min_seeds: int) -> bool:
+    """A (task, bits) group of pairs with fewer seeds than the grid's."""
     if df.empty:
         return True
-    return bool((df.groupby(list(keys))["seed"].nunique() < min_seeds).any())
+    return bool((df.groupby(["task", "wbits"])["seed"].nunique() < min_seeds).any())
 
 
 def _missing_tasks(results: pd.DataFrame, found: pd.DataFrame) -> bool:
