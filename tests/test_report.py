@@ -160,6 +160,11 @@ def test_paired_claims_by_hand(tmp_path):
         .endswith("| 1 |")
     # the run that shared the CPU (cpu_share 0.35) is left out of the cost and counted
     assert "| squat | 2/8 | 2 | 300 | 3.00x | 1 |" in md and "| lsq | 2/8 | 3 | 100 | 1.00x | 0 |" in md
+    # every pair on its own, seed by seed; the short sharpness pair marked and left out of the row's mean
+    assert "| C1 | SQuAT - LSQ, main dev metric (points) | rte | W2 | +2.00 | +1.00 | -0.50 | +0.83 |" in md
+    assert ("| C2 | SQuAT - LSQ, sharpness at rho 0.05 | rte | W2 | -0.2000 (L0 +0.1000) | -0.2000 (L0 +0.1000) | "
+            "-0.2000 (L0 +0.1000) † | -0.2000 |") in md
+    assert "SQuAT - FP" not in md.split("### Per-seed paired differences")[1]  # no W3/W4 runs: no C4 pairs
     pairs = (tmp_path / "rep" / "pairs.csv").read_text().splitlines()
     assert pairs[0] == "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff"
     assert "squat-vs-lsq,rte,2,1,52,50,2,False," in "\n".join(pairs)

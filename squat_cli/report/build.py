@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv
+from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.figures import figure2, figure3
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
@@ -133,7 +133,8 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
     parts += [f"![{p.stem}]({p.name})" for p in figures]
     claims, pair_tables = claim_summaries(col.results)
     if claims:
-        md = verdicts_markdown(all_verdicts(col.results)) + "\n" + claims_markdown(claims, cost_table(col.results))
+        md = (verdicts_markdown(all_verdicts(col.results)) + "\n" + claims_markdown(claims, cost_table(col.results))
+              + "\n" + per_seed_markdown(pair_tables))
         write_text(folder / "claims.md", md)
         write_text(folder / "pairs.csv", pairs_csv(pair_tables))
         parts += ["", md]

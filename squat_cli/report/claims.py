@@ -185,6 +185,47 @@ def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_seed_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """Every paired difference, one row per (comparison, task, bits) and one column per seed, with the row's mean.
+
+    Sharpness cells show the difference in starting loss L(W0) beside the score's difference; a pair whose ascent
+    stopped inside the ball is marked † (it is left out of the summaries)."""
+    labels = {f"{a}-vs-{b}": (claim, label) for claim, a, b, _, label in CLAIMS}
+    labels.update({f"sharpness-{k.split('=')[1]}": ("C2", f"SQuAT - LSQ, sharpness at rho {k.split('=')[1]}")
+                   for k in SHARP_KEYS})
+    frames = [t for t in tables.values() if not t.empty]
+    if not frames:
+        return ""
+    seeds = sorted({int(s) for t in frames for s in t.seed})
+    lines = ["### Per-seed paired differences", "",
+             "Each cell is one pair (same task, bits and seed: the same FP start and data order). Sharpness cells "
+             "give the difference in L(W0) in brackets; † marks a pair whose ascent stopped inside the ball.", "",
+             "| claim | comparison | task | bits | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|---|---|" + "---|" * (len(seeds) + 1)]
+    for name, t in tables.items():
+        if t.empty:
+            continue
+        claim, label = labels.get(name, ("", name))
+        sharp = name.startswith("sharpness")
+        digits = 4 if sharp else 2
+        for (task, bits), g in t.groupby(["task", "wbits"], sort=True):
+            cells = []
+            for s in seeds:
+                row = g[g.seed == s]
+                if row.empty:
+                    cells.append("-")
+                    continue
+                r = row.iloc[0]
+                cell = _f(float(r["diff"]), digits)
+                if sharp:
+                    cell += f" (L0 {_f(float(r['loss0_diff']), 4)})"
+                cells.append(cell + (" †" if bool(r["short"]) else ""))
+            usable = g[~g["short"].astype(bool)]["diff"].to_numpy(dtype=float)
+            mean = _f(float(usable.mean()), digits) if len(usable) else "-"
+            lines.append(f"| {claim} | {label} | {task} | W{bits} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
 def pairs_csv(tables: dict[str, pd.DataFrame]) -> str:
     frames = [t.assign(comparison=name) for name, t in tables.items() if not t.empty]
     if not frames:
