@@ -136,7 +136,7 @@ def sharpness(
     """Measure how flat each trained model is; scores go to sharpness.json in each run folder."""
     import math
 
-    from squat_cli import jobs
+    from squat_cli import measure
     from squat_cli.progress import RichReporter
     from squat_cli.sharpness import SharpnessSettings
 
@@ -158,7 +158,7 @@ def sharpness(
         _fail(f"--lr: {lr} must be > 0")
     settings = SharpnessSettings(rho=rho, method=method, steps=steps, lr=lr, examples=examples, split=split,
                                  seed=seed, subspace=subspace, step=step)
-    todo = _run(jobs.sharpness_runs, out, run, settings, force)
+    todo = _run(measure.sharpness_runs, out, run, settings, force)
     if not todo:
         console.print(f"nothing to measure: every complete run under {out} has {settings.key()}")
         return
@@ -168,7 +168,7 @@ def sharpness(
     damaged = []
     for r in todo:
         try:
-            e = jobs.measure_sharpness(r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+            e = measure.measure_sharpness(r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
         except SquatError as exc:
             if run is not None:  # the one run asked for
                 _fail(str(exc))

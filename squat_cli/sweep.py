@@ -177,6 +177,7 @@ def run_sweep(
     reporter_factory: Callable[[], Any] = lambda: None, log: Callable[[str], None] = lambda s: None,
 ) -> SweepOutcome:
     from squat_cli import jobs as J
+    from squat_cli.measure import measure_sharpness
 
     out = SweepOutcome()
     blocked: set[tuple] = set()  # runs that failed or are missing: their dependents wait
@@ -223,7 +224,7 @@ def run_sweep(
                                force=status == "failed")
                 else:
                     run = RunDir.for_run(job_root, job.task, job.variant, job.seed)
-                    J.measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter_factory())
+                    measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter_factory())
                 out.ran.append(job.id)
             except SquatError as exc:
                 out.failed.append((job.id, str(exc)))

@@ -148,6 +148,7 @@ def test_sharpness_cli_deterministic_and_stored(runs, glue_dir):
     first = json.loads((run / "sharpness.json").read_text())["ascent/rho=0.05"]
     assert first["score"] == first["loss_final"] - first["loss0"] and first["delta_norm"] <= 0.05 * (1 + 1e-6)
     assert first["settings"]["examples"] == 24 and len(first["trajectory"]) == 4
+    assert first["time_s"] > 0  # the measurement's wall time is recorded
     assert runner.invoke(app, args).exit_code == 0
     again = json.loads((run / "sharpness.json").read_text())["ascent/rho=0.05"]
     assert again["score"] == first["score"]  # deterministic for a fixed seed
