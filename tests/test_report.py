@@ -393,3 +393,30 @@ def test_verdicts_provisional_while_a_task_has_no_pairs_yet(claims_grid):
     v = {x.claim: x for x in all_verdicts(collect(claims_grid).results)}
     assert all(x.provisional for x in v.values())
     assert v["C1"].verdict == "partly"  # the verdict itself rests on the pairs there are
+
+
+def test_step_size_table_by_hand(tmp_path):
+    """Weight step sizes: LSQ 0.10 -> 0.09 and 0.10 -> 0.08 (-10%, -20%: mean -15%, grew 0/2); SQuAT 0.10 -> 0.11
+    and 0.10 -> 0.09 (+10%, -10%: mean 0%, grew 1/2). PTQ (no training) is left out; runs without the fields too."""
+    from squat_cli.report.collect import collect
+    from squat_cli.report.stepsizes import step_size_table
+
+    root = tmp_path / "runs"
+    for seed, (lsq, sq) in zip((1, 2), ((0.09, 0.11), (0.08, 0.09))):
+        for variant, end in (("lsq-w2a8", lsq), ("squat-w2a8", sq)):
+            make_run(root, "rte", variant, seed, {"accuracy": 0.6, "mean_wstep_init": 0.10, "mean_wstep_final": end,
+                                                  "mean_astep_init": 0.07, "mean_astep_final": 0.07})
+        make_run(root, "rte", "ptq-w2a8", seed, {"accuracy": 0.5, "mean_wstep_init": 0.07, "mean_wstep_final": 0.07})
+    make_run(root, "rte", "fp", 1, {"accuracy": 0.7})
+    t = step_size_table(collect(root).results)
+    w = t[t.kind == "weight"].set_index("method")
+    assert list(w.index) == ["lsq", "squat"] and set(t.method) == {"lsq", "squat"}
+    assert w.loc["lsq", "final"] == pytest.approx(0.085) and w.loc["lsq", "change"] == pytest.approx(-0.15)
+    assert w.loc["squat", "change"] == pytest.approx(0.0) and w.loc["squat", "grew"] == 1
+    assert w.loc["lsq", "grew"] == 0 and w.loc["lsq", "seeds"] == 2
+    write_report(root, tmp_path / "rep")
+    md = (tmp_path / "rep" / "stepsizes.md").read_text()
+    assert "| rte | weight step | LSQ | 2/8 | 2 | 0.10000 | 0.08500 | -15.0% | 0/2 |" in md
+    assert "| rte | weight step | SQuAT | 2/8 | 2 | 0.10000 | 0.10000 | +0.0% | 1/2 |" in md
+    assert "| rte | activation step | LSQ | 2/8 | 2 | 0.07000 | 0.07000 | +0.0% | 0/2 |" in md
+    assert "PTQ" not in md

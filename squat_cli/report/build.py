@@ -9,6 +9,7 @@ from typing import Any, Optional
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.figures import figure2, figure3
+from squat_cli.report.stepsizes import step_size_markdown, step_size_table
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
 from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
 from squat_cli.runs import write_text
@@ -138,6 +139,10 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
         write_text(folder / "claims.md", md)
         write_text(folder / "pairs.csv", pairs_csv(pair_tables))
         parts += ["", md]
+    steps_md = step_size_markdown(step_size_table(col.results))
+    if steps_md:
+        write_text(folder / "stepsizes.md", steps_md)
+        parts += ["", steps_md]
     if col.skipped:
         parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
     write_text(folder / "report.md", "\n".join(parts) + "\n")

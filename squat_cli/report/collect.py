@@ -15,6 +15,9 @@ from squat_cli.sharpness import reached_edge
 from squat_cli.yaml_safe import read_yaml
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
+STEP_SIZE_KEYS = {"mean_wstep_init": "step:weight:init", "mean_wstep_final": "step:weight:final",
+                  "mean_astep_init": "step:act:init", "mean_astep_final": "step:act:final"}
+"""metrics.json's mean step sizes (over the quantized layers, at the start and the end of QAT) -> metric names."""
 CONTENDED_SHARE = 0.75  # a run that got less of its threads' time than this shared the CPU: its time is no cost
 
 
@@ -84,6 +87,10 @@ def collect(root: Path) -> Collected:
         if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
             rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
                          "short": contended(metrics), "delta": None})
+        for key, name in STEP_SIZE_KEYS.items():
+            if isinstance(metrics.get(key), (int, float)):
+                rows.append({**base, "metric": name, "value": float(metrics[key]), "loss0": None, "short": False,
+                             "delta": None})
         if run.sharpness_file.is_file():
             try:
                 sharp = read_json(run.sharpness_file)
