@@ -7,6 +7,7 @@ is created; a job that fails before it has trained leaves no folder behind.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -145,10 +146,12 @@ def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
 def _train_and_save(
     run: RunDir, recipe: Recipe, acc, model, tokenizer, data: TaskData, method: str, resuming: bool,
     reporter: Optional[Reporter], extra: dict, env_extra: dict, names: Optional[list[str]] = None,
+    started: Optional[float] = None,
 ) -> dict:
     """Create the run folder, train (or, for PTQ, only evaluate), save model and quantizer, write metrics.
 
-    With several processes only the main one writes; the others train alongside it.
+    With several processes only the main one writes; the others train alongside it. ``started``: when the job
+    began (``time.perf_counter()``), for ``job_time_s``.
     """
     main = acc.is_main_process
     allocator = tune_allocator() if acc.device.type == "cpu" else "device"
@@ -175,6 +178,8 @@ def _train_and_save(
         extra.update({f"{k}_init": v for k, v in steps_before.items()})
         extra.update({f"{k}_final": v for k, v in step_summary(model).items()})
         metrics = _final_metrics(task, result, data, extra)
+        if started is not None:  # this process's whole job: loading, calibration, training, evaluations
+            metrics["job_time_s"] = round(time.perf_counter() - started, 2)
         if main:
             if recipe.train.save_model:
                 fp_state = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
@@ -194,6 +199,7 @@ def _train_and_save(
 def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Optional[Reporter] = None,
              resume: bool = False) -> JobResult:
     """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
+    started = time.perf_counter()
     recipe.quant = None  # nothing is quantized here; recipe.yaml records exactly what ran
     task = get_task(recipe.data.task)
     run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
@@ -208,7 +214,7 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
     model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
     extra = {"method": "fp", "wbits": 32, "abits": 32, "seed": recipe.train.seed, "model": recipe.model.name_or_path}
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, "fp", resuming, reporter, extra,
-                              {"model": recipe.model.name_or_path})
+                              {"model": recipe.model.name_or_path}, started=started)
     return JobResult(run, metrics)
 
 
@@ -232,6 +238,7 @@ def quantize(
     reporter: Optional[Reporter] = None, resume: bool = False,
 ) -> JobResult:
     """Quantization-aware training (or PTQ) from an FP run: ``runs/<task>/<method>-w<W>a<A>/seed<k>/``."""
+    started = time.perf_counter()
     q = recipe.quant
     if q is None:
         raise SquatError("the recipe has no quant section")
@@ -267,7 +274,7 @@ def quantize(
              "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
              "quantized_modules": len(names), **method_info}
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, q.method, resuming, reporter, extra,
-                              {"from": str(src.path), "quantized_modules": names}, names)
+                              {"from": str(src.path), "quantized_modules": names}, names, started=started)
     return JobResult(run, metrics)
 
 

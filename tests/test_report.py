@@ -420,3 +420,38 @@ def test_step_size_table_by_hand(tmp_path):
     assert "| rte | weight step | SQuAT | 2/8 | 2 | 0.10000 | 0.10000 | +0.0% | 1/2 |" in md
     assert "| rte | activation step | LSQ | 2/8 | 2 | 0.07000 | 0.07000 | +0.0% | 0/2 |" in md
     assert "PTQ" not in md
+
+
+def test_compute_spent_by_hand(tmp_path):
+    """FP: 2 runs, steps 3600 + 1800 s (1.5 h), loop walls 3960 + 1980 s (evaluations 360 + 180 s = 0.15 h), one job timed
+    (4320 s = 1.2 h). QAT: LSQ 720 s of steps (shared CPU), PTQ without steps. Sharpness: 3 scores, 2 timed
+    (90 + 270 s = 0.1 h)."""
+    from squat_cli.report.collect import collect
+    from squat_cli.report.compute import compute_table
+
+    root = tmp_path / "runs"
+    make_run(root, "rte", "fp", 1, {"accuracy": 0.6, "steps": 100, "train_time_s": 3600.0, "wall_time_s": 3960.0,
+                                    "job_time_s": 4320.0, "cpu_share": 0.97},
+             sharp={"ascent/rho=0.01": {"score": 0.1, "loss0": 0.2, "time_s": 90.0},
+                    "ascent/rho=0.05": {"score": 0.3, "loss0": 0.2, "time_s": 270.0}})
+    make_run(root, "rte", "fp", 2, {"accuracy": 0.6, "steps": 100, "train_time_s": 1800.0, "wall_time_s": 1980.0},
+             sharp={"ascent/rho=0.01": {"score": 0.1, "loss0": 0.2}})
+    make_run(root, "rte", "lsq-w2a8", 1, {"accuracy": 0.55, "steps": 10, "train_time_s": 720.0,
+                                          "wall_time_s": 720.0, "cpu_share": 0.5})
+    make_run(root, "rte", "ptq-w2a8", 1, {"accuracy": 0.5, "steps": 0, "train_time_s": 0.0, "wall_time_s": 0.0,
+                                          "job_time_s": 36.0, "cpu_share": 0.0})
+    t = compute_table(collect(root).results).set_index(["task", "part"])
+    fp = t.loc[("rte", "fp")]
+    assert fp["count"] == 2 and fp.steps_h == pytest.approx(1.5) and fp.eval_h == pytest.approx(0.15)
+    assert fp.timed == 1 and fp.jobs_h == pytest.approx(1.2) and fp.contended == 0
+    qat = t.loc[("rte", "qat")]
+    assert qat.steps_h == pytest.approx(0.2) and qat.timed == 0 and np.isnan(qat.jobs_h) and qat.contended == 1
+    post = t.loc[("rte", "post")]
+    assert post.contended == 0 and post.jobs_h == pytest.approx(0.01)  # no steps: its cpu_share means nothing
+    sharp = t.loc[("rte", "sharpness")]
+    assert sharp["count"] == 3 and sharp.timed == 2 and sharp.jobs_h == pytest.approx(0.1)
+    assert t.loc[("all", "fp")].steps_h == pytest.approx(1.5)
+    write_report(root, tmp_path / "rep")
+    md = (tmp_path / "rep" / "compute.md").read_text()
+    assert "| rte | FP fine-tuning | 2 | 1.50 | 0.15 | 1 | 1.20 | 0 |" in md
+    assert "| rte | QAT | 1 | 0.20 | 0.00 | 0 | - | 1 |" in md and "| rte | sharpness | 3 | - | - | 2 | 0.10 | 0 |" in md

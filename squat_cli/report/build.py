@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
+from squat_cli.report.compute import compute_markdown, compute_table
 from squat_cli.report.figures import figure2, figure3
 from squat_cli.report.stepsizes import step_size_markdown, step_size_table
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
@@ -143,6 +144,10 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
     if steps_md:
         write_text(folder / "stepsizes.md", steps_md)
         parts += ["", steps_md]
+    compute_md = compute_markdown(compute_table(col.results))
+    if compute_md:
+        write_text(folder / "compute.md", compute_md)
+        parts += ["", compute_md]
     if col.skipped:
         parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
     write_text(folder / "report.md", "\n".join(parts) + "\n")

@@ -87,6 +87,10 @@ def collect(root: Path) -> Collected:
         if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
             rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
                          "short": contended(metrics), "delta": None})
+        for key, name in (("wall_time_s", "time:fit"), ("job_time_s", "time:job")):
+            if isinstance(metrics.get(key), (int, float)):
+                rows.append({**base, "metric": name, "value": float(metrics[key]), "loss0": None,
+                             "short": bool(metrics.get("steps")) and contended(metrics), "delta": None})
         for key, name in STEP_SIZE_KEYS.items():
             if isinstance(metrics.get(key), (int, float)):
                 rows.append({**base, "metric": name, "value": float(metrics[key]), "loss0": None, "short": False,
@@ -99,6 +103,9 @@ def collect(root: Path) -> Collected:
                     rows.append({**base, "metric": f"sharpness:{key}", "value": float(entry["score"]),
                                  "loss0": float(entry["loss0"]), "short": stopped_short(key, entry),
                                  "delta": float(delta) if isinstance(delta, (int, float)) else None})
+                    if isinstance(entry.get("time_s"), (int, float)):
+                        rows.append({**base, "metric": "time:sharpness", "value": float(entry["time_s"]),
+                                     "loss0": None, "short": False, "delta": None})
             except (SquatError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append((str(run.sharpness_file), "unreadable sharpness.json (metrics still used)"))
         try:
