@@ -81,7 +81,8 @@ def test_means_stds_and_missing(grid, tmp_path):
     assert reasons[str(grid / "rte" / "lsq-w2a8" / "seed1")] == "incomplete (no metrics.json)"
     assert "not valid JSON" in reasons[str(grid / "sst2" / "lsq-w2a8" / "seed1")]
     assert reasons[str(grid / "sst2" / "lsq-w4a8" / "seed1")] == "metrics.json lacks accuracy"
-    assert {p.name for p in rep.figures} == {"fig2_sharpness.png", "fig3_joint_vs_alternate.png"}
+    # SQuAT and LSQ share CoLA W2 seeds 1 and 2: their paired differences get a figure too
+    assert {p.name for p in rep.figures} == {"fig2_sharpness.png", "fig3_joint_vs_alternate.png", "fig_pairs.png"}
     for p in rep.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "reports" / "report.md").read_text()
@@ -113,6 +114,7 @@ def test_report_empty_and_missing(tmp_path):
     res = runner.invoke(app, ["report", "--out", str(tmp_path / "empty"), "--reports", str(tmp_path / "r")])
     assert res.exit_code == 0
     assert "No runs." in (tmp_path / "r" / "table1.md").read_text()
+    assert not (tmp_path / "r" / "fig_pairs.png").exists()  # no pairs, no figure of them
 
 
 def test_sharpness_scores_whose_ascent_stopped_inside_the_ball_are_flagged(tmp_path):

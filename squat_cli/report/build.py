@@ -9,7 +9,7 @@ from typing import Any, Optional
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.compute import compute_markdown, compute_table
-from squat_cli.report.figures import figure2, figure3
+from squat_cli.report.figures import figure2, figure3, figure_pairs
 from squat_cli.report.stepsizes import step_size_markdown, step_size_table
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
 from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
@@ -134,6 +134,9 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
         figures.append(folder / "fig3_joint_vs_alternate.png")
     parts += [f"![{p.stem}]({p.name})" for p in figures]
     claims, pair_tables = claim_summaries(col.results)
+    if figure_pairs(pair_tables, folder / "fig_pairs.png"):
+        figures.append(folder / "fig_pairs.png")
+        parts += ["![fig_pairs](fig_pairs.png)"]
     if claims:
         md = (verdicts_markdown(all_verdicts(col.results)) + "\n" + claims_markdown(claims, cost_table(col.results))
               + "\n" + per_seed_markdown(pair_tables))

@@ -84,3 +84,36 @@ def figure3(agg: pd.DataFrame, path: Path) -> bool:
     save_png(fig, path)
     plt.close(fig)
     return True
+
+
+def figure_pairs(pairs: dict[str, pd.DataFrame], path: Path) -> bool:
+    """Every paired SQuAT - LSQ difference, one dot per seed, per task and bit width: the main metric (C1, with the
+    paper's average gain of about +1 point dashed) and sharpness at rho 0.05 (C2; an ascent stopped short: hollow).
+    The bar is the mean over the seeds. False if there are no pairs."""
+    panels = [(pairs.get("squat-vs-lsq"), "C1: SQuAT − LSQ, main metric (points)", 1.0),
+              (pairs.get("sharpness-0.05"), "C2: SQuAT − LSQ, sharpness at rho 0.05 (below 0: flatter)", None)]
+    panels = [(d, title, ref) for d, title, ref in panels if d is not None and not d.empty]
+    if not panels:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
+    for ax, (d, title, ref) in zip(axes[0], panels):
+        groups = [(t, b) for t in PAPER_TASKS for b in sorted(d.wbits.unique()) if len(d[(d.task == t) & (d.wbits == b)])]
+        for i, (t, b) in enumerate(groups):
+            g = d[(d.task == t) & (d.wbits == b)].sort_values("seed")
+            short = g["short"].astype(bool).to_numpy()
+            offsets = np.linspace(-0.15, 0.15, len(g)) if len(g) > 1 else np.zeros(1)
+            ax.scatter(i + offsets[~short], g["diff"].to_numpy()[~short], color="tab:orange", zorder=3, s=18)
+            ax.scatter(i + offsets[short], g["diff"].to_numpy()[short], facecolors="none", edgecolors="tab:orange",
+                       zorder=3, s=18)
+            if (~short).any():
+                ax.hlines(g["diff"].to_numpy()[~short].mean(), i - 0.3, i + 0.3, color="black", linewidth=1.2)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        if ref is not None:
+            ax.axhline(ref, color="tab:blue", linestyle="--", linewidth=0.8, label="paper: about +1")
+            ax.legend(loc="best")
+        ax.set_xticks(range(len(groups)), [f"{TASKS[t].display}\nW{b}" for t, b in groups])
+        ax.set_title(title, fontsize=10)
+    save_png(fig, path)
+    plt.close(fig)
+    return True
