@@ -43,7 +43,9 @@ class Collected:
     results: pd.DataFrame
     """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (the value is not
     representative: a sharpness ascent that stopped inside the ball, or a train time measured while other work
-    shared the CPU), delta (the ascent's final ||delta_T||, where recorded)."""
+    shared the CPU), delta (the ascent's final ||delta_T||, where recorded). Metrics: the task's GLUE metrics (in
+    percent), ``train_time_s``, ``time:fit`` / ``time:job`` (the training loop's and the whole job's wall time),
+    ``sharpness:<key>`` and ``time:sharpness`` per score, ``step:weight|act:init|final`` (mean step sizes)."""
     recipes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
