@@ -167,6 +167,7 @@ def test_paired_claims_by_hand(tmp_path):
     assert ("| C2 | SQuAT - LSQ, sharpness at rho 0.05 | rte | W2 | -0.2000 (L0 +0.1000) | -0.2000 (L0 +0.1000) | "
             "-0.2000 (L0 +0.1000) † | -0.2000 |") in md
     assert "SQuAT - FP" not in md.split("### Per-seed paired differences")[1]  # no W3/W4 runs: no C4 pairs
+    assert "over 2 pairs" not in md  # two usable pairs with equal differences: no correlation to give
     pairs = (tmp_path / "rep" / "pairs.csv").read_text().splitlines()
     assert pairs[0] == "comparison,task,wbits,seed,value_a,value_b,diff,short,loss0_diff"
     assert "squat-vs-lsq,rte,2,1,52,50,2,False," in "\n".join(pairs)
@@ -457,3 +458,19 @@ def test_compute_spent_by_hand(tmp_path):
     md = (tmp_path / "rep" / "compute.md").read_text()
     assert "| rte | FP fine-tuning | 2 | 1.50 | 0.15 | 1 | 1.20 | 0 |" in md
     assert "| rte | QAT | 1 | 0.20 | 0.00 | 0 | - | 1 |" in md and "| rte | sharpness | 3 | - | - | 2 | 0.10 | 0 |" in md
+
+
+def test_sharpness_and_start_loss_correlation_by_hand(tmp_path):
+    """Sharpness differences 0.1 / 0.2 / 0.3 against L(W0) differences 1 / 2 / 4: deviations (-0.1, 0, 0.1) and
+    (-4/3, -1/3, 5/3), r = 0.3 / sqrt(0.02 * 42/9) = 0.982."""
+    root = tmp_path / "runs"
+    for seed, (score, loss0) in zip((1, 2, 3), ((0.6, 2.0), (0.7, 3.0), (0.8, 5.0))):
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": 0.5},
+                 sharp={"ascent/rho=0.05": {"score": 0.5, "loss0": 1.0, "delta_norm": 0.05}})
+        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": 0.5},
+                 sharp={"ascent/rho=0.05": {"score": score, "loss0": loss0, "delta_norm": 0.05}})
+    write_report(root, tmp_path / "rep")
+    md = (tmp_path / "rep" / "claims.md").read_text()
+    assert "- rho 0.05: over 3 pairs, the sharpness difference and the L(W0) difference correlate with Pearson " \
+           "r = +0.98." in md
+    assert "- rho 0.01" not in md  # no scores at that radius

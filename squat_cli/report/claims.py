@@ -223,7 +223,25 @@ def per_seed_markdown(tables: dict[str, pd.DataFrame]) -> str:
             usable = g[~g["short"].astype(bool)]["diff"].to_numpy(dtype=float)
             mean = _f(float(usable.mean()), digits) if len(usable) else "-"
             lines.append(f"| {claim} | {label} | {task} | W{bits} | " + " | ".join(cells) + f" | {mean} |")
+    lines += [""] + start_loss_correlations(tables)
     return "\n".join(lines) + "\n"
+
+
+def start_loss_correlations(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """One line per radius: Pearson r between the sharpness difference and the L(W0) difference over the usable
+    pairs. A high r says the sharper model of a pair is mostly the one that starts from a higher loss."""
+    out = []
+    for key in SHARP_KEYS:
+        t = tables.get(f"sharpness-{key.split('=')[1]}")
+        if t is None or t.empty:
+            continue
+        u = t[~t["short"].astype(bool)].dropna(subset=["diff", "loss0_diff"])
+        if len(u) < 3 or u["diff"].std() == 0 or u["loss0_diff"].std() == 0:
+            continue
+        r = float(np.corrcoef(u["diff"].astype(float), u["loss0_diff"].astype(float))[0, 1])
+        out.append(f"- rho {key.split('=')[1]}: over {len(u)} pairs, the sharpness difference and the L(W0) "
+                   f"difference correlate with Pearson r = {r:+.2f}.")
+    return out
 
 
 def pairs_csv(tables: dict[str, pd.DataFrame]) -> str:
