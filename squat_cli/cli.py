@@ -191,6 +191,9 @@ def report(
     reference: Optional[Path] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT variants; "
                                              "compare them with this runs root's LSQ and SQuAT runs of the same "
                                              "task, bits and seed (variants.md/.csv/.png)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="The grid recipe the runs come from: its note heads "
+                                        "the report, and the claims' verdicts stay provisional until each of its "
+                                        "tasks has pairs with all its seeds."),
 ) -> None:
     """Tables 1-4 (CSV, Markdown) and Figures 2-3 (PNG) from every run folder, beside the paper's numbers."""
     from squat_cli.report.build import write_report
@@ -206,7 +209,13 @@ def report(
         if reference is not None:
             _write_variants(out, reference, reports)
         return
-    rep = _run(write_report, out, reports)
+    if grid is not None:
+        from squat_cli import sweep as S
+
+        g = _run(S.load_grid, grid)
+        rep = _run(write_report, out, reports, g.sweep.note, tuple(g.tasks), len(g.seeds))
+    else:
+        rep = _run(write_report, out, reports)
     print_report(rep)
 
 
@@ -272,7 +281,7 @@ def sweep(
         if grid.settings:
             _write_search(out, reports)
         else:
-            print_report(_run(write_report, out, reports, grid.sweep.note))
+            print_report(_run(write_report, out, reports, grid.sweep.note, tuple(grid.tasks), len(grid.seeds)))
     if res.failed:
         raise typer.Exit(1)
 

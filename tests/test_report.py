@@ -474,3 +474,22 @@ def test_sharpness_and_start_loss_correlation_by_hand(tmp_path):
     assert "- rho 0.05: over 3 pairs, the sharpness difference and the L(W0) difference correlate with Pearson " \
            "r = +0.98." in md
     assert "- rho 0.01" not in md  # no scores at that radius
+
+
+def test_verdicts_provisional_until_every_task_of_the_grid_has_pairs(claims_grid, tmp_path):
+    """claims_grid has RTE and CoLA complete: without the grid the verdicts are final; with the replication grid
+    (STS-B, MRPC, RTE, CoLA) MRPC and STS-B have no pairs yet, so every verdict is provisional."""
+    alone = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "a")])
+    assert alone.exit_code == 0, alone.output
+    assert "| C3 | holds |" in (tmp_path / "a" / "claims.md").read_text()
+    res = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "g"),
+                              "--grid", "recipes/replication/grid.yaml"])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "g" / "claims.md").read_text()
+    assert "| C3 | holds (provisional) |" in md and "| C1 | partly (provisional) |" in md
+    assert "or in the grid (stsb, mrpc, rte, cola)" in md
+    assert "correlate" not in md  # every sharpness pair differs by the same 0.1 (up to rounding): no correlation
+    assert "The replication grid" in (tmp_path / "g" / "report.md").read_text()  # the grid's note heads it
+    bad = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "b"),
+                              "--grid", str(tmp_path / "nope.yaml")])
+    assert bad.exit_code == 2 and "no such file" in bad.output and "Traceback" not in bad.output

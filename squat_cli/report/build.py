@@ -105,8 +105,12 @@ def setup_differences(col: Collected) -> list[str]:
     return out
 
 
-def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> Report:
-    """The whole report of ``runs_root`` into ``folder``; ``note`` is printed first (a grid's ``sweep.note``)."""
+def write_report(runs_root: Path, folder: Path, note: Optional[str] = None, grid_tasks: tuple[str, ...] = (),
+                 grid_seeds: int = 3) -> Report:
+    """The whole report of ``runs_root`` into ``folder``; ``note`` is printed first (a grid's ``sweep.note``).
+
+    ``grid_tasks`` / ``grid_seeds``: the grid the runs belong to, when known; the claims' verdicts stay
+    provisional until every one of its tasks has pairs with that many seeds."""
     col = collect(runs_root)
     tables = build_tables(col.results)
     header = setup_differences(col)
@@ -138,7 +142,8 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None) -> R
         figures.append(folder / "fig_pairs.png")
         parts += ["![fig_pairs](fig_pairs.png)"]
     if claims:
-        md = (verdicts_markdown(all_verdicts(col.results)) + "\n" + claims_markdown(claims, cost_table(col.results))
+        verdicts = all_verdicts(col.results, grid_seeds, grid_tasks)
+        md = (verdicts_markdown(verdicts, grid_seeds, grid_tasks) + "\n" + claims_markdown(claims, cost_table(col.results))
               + "\n" + per_seed_markdown(pair_tables))
         write_text(folder / "claims.md", md)
         write_text(folder / "pairs.csv", pairs_csv(pair_tables))

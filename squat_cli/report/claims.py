@@ -227,6 +227,10 @@ def per_seed_markdown(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _constant(x: np.ndarray) -> bool:
+    return bool(np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())))
+
+
 def start_loss_correlations(tables: dict[str, pd.DataFrame]) -> list[str]:
     """One line per radius: Pearson r between the sharpness difference and the L(W0) difference over the usable
     pairs. A high r says the sharper model of a pair is mostly the one that starts from a higher loss."""
@@ -236,8 +240,8 @@ def start_loss_correlations(tables: dict[str, pd.DataFrame]) -> list[str]:
         if t is None or t.empty:
             continue
         u = t[~t["short"].astype(bool)].dropna(subset=["diff", "loss0_diff"])
-        if len(u) < 3 or u["diff"].std() == 0 or u["loss0_diff"].std() == 0:
-            continue
+        if len(u) < 3 or any(_constant(u[c].to_numpy(dtype=float)) for c in ("diff", "loss0_diff")):
+            continue  # no spread (rounding aside): no correlation to give
         r = float(np.corrcoef(u["diff"].astype(float), u["loss0_diff"].astype(float))[0, 1])
         out.append(f"- rho {key.split('=')[1]}: over {len(u)} pairs, the sharpness difference and the L(W0) "
                    f"difference correlate with Pearson r = {r:+.2f}.")

@@ -30,7 +30,8 @@ lies on the other side, and *undecided* otherwise. A claim made for every cell
 
 A verdict is ``provisional`` while any cell it rests on has fewer pairs per
 task than ``min_seeds`` (the grid's seed count), or while a task that has runs
-in the folder (its FP runs, say, early in a grid) has no pairs for the claim. The percentile bootstrap is
+in the folder (its FP runs, say, early in a grid), or that the grid holds
+(``expected``, when the report knows its grid), has no pairs for the claim. The percentile bootstrap is
 narrow for few pairs: a cell of 3 pairs is "for" only when all 3 are on the
 claim's side, which is weak evidence on its own; the pairs are shown so that a
 reader can weigh it.
@@ -96,9 +97,9 @@ def _few_seeds(df: pd.DataFrame, min_seeds: int) -> bool:
     return bool((df.groupby(["task", "wbits"])["seed"].nunique() < min_seeds).any())
 
 
-def _missing_tasks(results: pd.DataFrame, found: pd.DataFrame) -> bool:
-    """A task with runs in the folder but no pairs for the claim (yet)."""
-    return bool(set(results.task) - set(found.task)) if len(found) else True
+def _missing_tasks(results: pd.DataFrame, found: pd.DataFrame, expected: tuple[str, ...] = ()) -> bool:
+    """A task with runs in the folder, or one the grid holds (``expected``), with no pairs for the claim (yet)."""
+    return bool((set(results.task) | set(expected)) - set(found.task)) if len(found) else True
 
 
 def _cells_text(cells: list[Cell], digits: int = 2) -> str:
@@ -106,7 +107,7 @@ def _cells_text(cells: list[Cell], digits: int = 2) -> str:
                      for c in cells)
 
 
-def c1(results: pd.DataFrame, min_seeds: int) -> Verdict:
+def c1(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
     p = pairs(results, "squat", "lsq")
     cells = [cell(f"W{b}", p[p.wbits == b]["diff"].to_numpy(), +1) for b in sorted(p.wbits.unique())]
     text = _cells_text(cells)
@@ -115,10 +116,10 @@ def c1(results: pd.DataFrame, min_seeds: int) -> Verdict:
         inside = "inside" if lo <= PAPER_GAIN <= hi else "outside"
         text += (f". Pooled over {len(p)} pairs: {p['diff'].mean():+.2f} [{lo:+.2f}, {hi:+.2f}]; the paper's "
                  f"+{PAPER_GAIN:g} is {inside} it")
-    return Verdict("C1", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
+    return Verdict("C1", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def c2(results: pd.DataFrame, min_seeds: int) -> Verdict:
+def c2(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
     cells, loss0, left_out, few = [], [], [], False
     for key in SHARP_KEYS:
         p = pairs(results, "squat", "lsq", key)
@@ -127,7 +128,7 @@ def c2(results: pd.DataFrame, min_seeds: int) -> Verdict:
             n = int(p["short"].sum())
             left_out.append(f"{n} pair{'s' if n > 1 else ''} at rho {rho}")
             p = p[~p["short"]]
-        few = few or _few_seeds(p, min_seeds) or _missing_tasks(results, p)
+        few = few or _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected)
         for task in sorted(p.task.unique()):
             t = p[p.task == task]
             cells.append(cell(f"{task} rho {rho}", t["diff"].to_numpy(), -1))
@@ -140,7 +141,7 @@ def c2(results: pd.DataFrame, min_seeds: int) -> Verdict:
     return Verdict("C2", combine(cells), text, few or not cells)
 
 
-def c3(results: pd.DataFrame, min_seeds: int) -> Verdict:
+def c3(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
     p = pairs(results, "joint", "squat")
     cells = [cell(f"W{b}", p[p.wbits == b]["diff"].to_numpy(), -1) for b in sorted(p.wbits.unique())]
     text = "joint - SQuAT: " + _cells_text(cells) if cells else "no joint/SQuAT pairs"
@@ -149,10 +150,10 @@ def c3(results: pd.DataFrame, min_seeds: int) -> Verdict:
         k = int((q["diff"] < 0).sum())
         often = "often" if k >= len(q) / 2 else "not often"
         text += f". joint under LSQ in {k} of {len(q)} pairs ({often}), mean {q['diff'].mean():+.2f}"
-    return Verdict("C3", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
+    return Verdict("C3", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def c4(results: pd.DataFrame, min_seeds: int) -> Verdict:
+def c4(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
     p = pairs(results, "squat", "fp")
     p = p[p.wbits.isin([3, 4])] if len(p) else p
     cells = [cell(f"{task} W{b}", g["diff"].to_numpy(), +1) for (b, task), g in p.groupby(["wbits", "task"])]
@@ -162,21 +163,26 @@ def c4(results: pd.DataFrame, min_seeds: int) -> Verdict:
     text = (f"{len(above)} of {len(cells)} (task, bits) cells have SQuAT's mean above FP's"
             + (f" ({', '.join(c.label for c in above)})" if above else "")
             + f"; {len(sure)} with the whole interval above 0. " + _cells_text(cells))
-    return Verdict("C4", verdict, text, _few_seeds(p, min_seeds) or _missing_tasks(results, p))
+    return Verdict("C4", verdict, text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def all_verdicts(results: pd.DataFrame, min_seeds: int = 3) -> list[Verdict]:
+def all_verdicts(results: pd.DataFrame, min_seeds: int = 3, expected: tuple[str, ...] = ()) -> list[Verdict]:
+    """``expected``: the tasks of the grid the runs belong to (a verdict stays provisional until each has pairs)."""
     if results.empty:
         return []
-    return [c1(results, min_seeds), c2(results, min_seeds), c3(results, min_seeds), c4(results, min_seeds)]
+    e = tuple(expected)
+    return [c1(results, min_seeds, e), c2(results, min_seeds, e), c3(results, min_seeds, e),
+            c4(results, min_seeds, e)]
 
 
-def verdicts_markdown(found: list[Verdict], min_seeds: int = 3) -> str:
+def verdicts_markdown(found: list[Verdict], min_seeds: int = 3, expected: tuple[str, ...] = ()) -> str:
     lines = ["### Verdicts", "",
              "By the decision rules of `squat_cli/report/verdicts.py`: a cell is "
              "*for* a claim when its 95% bootstrap interval lies wholly on the claim's side of 0, *against* when "
              "wholly on the other side. `provisional`: some cell has fewer than "
-             f"{min_seeds} seeds, or a task with runs here has no pairs for the claim yet.", "",
+             f"{min_seeds} seeds, or a task with runs here"
+             + (f" or in the grid ({', '.join(expected)})" if expected else "")
+             + " has no pairs for the claim yet.", "",
              "| claim | verdict | evidence (mean [95% interval], pairs) |", "|---|---|---|"]
     for v in found:
         verdict = f"{v.verdict} (provisional)" if v.provisional else v.verdict
