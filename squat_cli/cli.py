@@ -202,6 +202,8 @@ def report(
         _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
     if reference is not None and not search:
         _fail("--reference compares variants: give it with --search")
+    if grid is not None and search:
+        _fail("--grid names the grid of a results report; a --search report does not use it")
     if reference is not None and not reference.is_dir():
         _fail(f"reference runs folder {reference} does not exist")
     if search:

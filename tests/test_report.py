@@ -493,3 +493,6 @@ def test_verdicts_provisional_until_every_task_of_the_grid_has_pairs(claims_grid
     bad = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "b"),
                               "--grid", str(tmp_path / "nope.yaml")])
     assert bad.exit_code == 2 and "no such file" in bad.output and "Traceback" not in bad.output
+    both = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "s"), "--search",
+                               "--grid", "recipes/replication/grid.yaml"])
+    assert both.exit_code == 2 and "--grid" in both.output and not (tmp_path / "s").exists()
