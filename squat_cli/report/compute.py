@@ -30,7 +30,7 @@ def _part(method: str) -> str:
     return "post" if method in POST_TRAINING_METHODS else "qat"
 
 
-def _hours(frame: pd.DataFrame, metric: str) -> pd.Series:
+def _seconds(frame: pd.DataFrame, metric: str) -> pd.Series:
     """Seconds of ``metric`` per run (task, method, wbits, abits, seed)."""
     keys = ["task", "method", "wbits", "abits", "seed"]
     return frame[frame.metric == metric].set_index(keys)["value"]
@@ -43,8 +43,8 @@ def compute_table(results: pd.DataFrame) -> pd.DataFrame:
     keys = ["task", "method", "wbits", "abits", "seed"]
     runs = results[results.metric == "time:fit"][keys + ["value", "short"]].rename(columns={"value": "fit"})
     runs = runs.set_index(keys)
-    runs["train"] = _hours(results, "train_time_s").reindex(runs.index).fillna(0.0)
-    runs["job"] = _hours(results, "time:job").reindex(runs.index)
+    runs["train"] = _seconds(results, "train_time_s").reindex(runs.index).fillna(0.0)
+    runs["job"] = _seconds(results, "time:job").reindex(runs.index)
     runs = runs.reset_index()
     runs["part"] = runs.method.map(_part)
     scores = results[results.metric.str.startswith("sharpness:")]
