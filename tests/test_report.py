@@ -89,6 +89,21 @@ def test_means_stds_and_missing(grid, tmp_path):
     assert "Skipped runs" in text and "tasks: cola, mrpc only" in text
 
 
+def test_figure3_draws_paired_differences_seed_by_seed(grid):
+    """Figure 3's bars are means of paired differences (same task, bits, seed), not differences of means: CoLA W2
+    joint - LSQ is seed 1 only (49 - 50 = -1); SQuAT - LSQ seeds 1 and 2 (53 - 50, 54 - 52), not 53.5 - 53.
+    No W4 pairs: no W4 panel."""
+    from squat_cli.report.claims import claim_summaries
+    from squat_cli.report.collect import collect
+    from squat_cli.report.figures import difference_series
+
+    _, tables = claim_summaries(collect(grid).results)
+    series = difference_series(tables, 2)
+    assert series["Joint − LSQ"] == {"cola": pytest.approx([-1.0])}
+    assert series["SQuAT (alternate) − LSQ"] == {"cola": pytest.approx([3.0, 2.0])}
+    assert difference_series(tables, 4) == {}
+
+
 def test_paper_numbers_shipped():
     assert paper_value("table1", "squat", 3, "mrpc", "accuracy") == 86.2
     assert paper_value("table1", "fp", 32, "mnli", "accuracy") == 84.34

@@ -134,10 +134,10 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None, grid
     figures = []
     if figure2(agg, folder / "fig2_sharpness.png"):
         figures.append(folder / "fig2_sharpness.png")
-    if figure3(agg, folder / "fig3_joint_vs_alternate.png"):
+    claims, pair_tables = claim_summaries(col.results)
+    if figure3(pair_tables, folder / "fig3_joint_vs_alternate.png"):
         figures.append(folder / "fig3_joint_vs_alternate.png")
     parts += [f"![{p.stem}]({p.name})" for p in figures]
-    claims, pair_tables = claim_summaries(col.results)
     if figure_pairs(pair_tables, folder / "fig_pairs.png"):
         figures.append(folder / "fig_pairs.png")
         parts += ["![fig_pairs](fig_pairs.png)"]

@@ -56,31 +56,57 @@ def figure2(agg: pd.DataFrame, path: Path, key: str = "ascent/rho=0.05") -> bool
     return True
 
 
-def figure3(agg: pd.DataFrame, path: Path) -> bool:
-    """Joint and SQuAT minus LSQ on each task's main metric (LSQ is the zero line)."""
-    plt = pyplot()
-    main = agg[[m == TASKS[t].main_metric for t, m in zip(agg.task, agg.metric)]] if not agg.empty else agg
-    lsq = main[main.method == "lsq"]
-    others = main[main.method.isin(["joint", "squat"])]
-    if lsq.empty or others.empty:
-        return False
-    bits = sorted(set(lsq.wbits) & set(others.wbits))
+def difference_series(pairs: dict[str, pd.DataFrame], wbits: int) -> dict[str, dict[str, list[float]]]:
+    """Figure 3's data at one weight width: per comparison (joint - LSQ, SQuAT - LSQ), per task in the paper's
+    order, the paired differences of the main metric seed by seed (same task, bits and seed)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, label in (("joint-vs-lsq", "Joint − LSQ"), ("squat-vs-lsq", "SQuAT (alternate) − LSQ")):
+        d = pairs.get(key)
+        if d is None or d.empty:
+            continue
+        d = d[d.wbits == wbits]
+        per_task = {t: d[d.task == t].sort_values("seed")["diff"].astype(float).tolist() for t in PAPER_TASKS}
+        per_task = {t: v for t, v in per_task.items() if v}
+        if per_task:
+            out[label] = per_task
+    return out
+
+
+def figure3(pairs: dict[str, pd.DataFrame], path: Path) -> bool:
+    """Joint and SQuAT minus LSQ on each task's main metric, one panel per weight width: the bar is the mean of the
+    paired differences (same task, bits and seed), the dots the seeds; LSQ is the zero line. False if no pairs."""
+    bits = [b for b in (2, 3, 4, 8) if difference_series(pairs, b)]
     if not bits:
         return False
-    fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.5), squeeze=False)
-    tasks = [t for t in PAPER_TASKS if t in set(lsq.task)]
-    for ax, b in zip(axes[0], bits):
-        base = lsq[lsq.wbits == b].set_index("task")["mean"]
-        series = {}
-        for method, label in (("joint", "Joint − LSQ"), ("squat", "SQuAT (alternate) − LSQ")):
-            d = others[(others.method == method) & (others.wbits == b)].set_index("task")["mean"]
-            if not d.empty:
-                series[label] = ([d.get(t, np.nan) - base.get(t, np.nan) for t in tasks], [0.0] * len(tasks))
-        _bars(ax, tasks, series)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.6), squeeze=False)
+    for k, (ax, b) in enumerate(zip(axes[0], bits)):
+        series = difference_series(pairs, b)
+        tasks = [t for t in PAPER_TASKS if any(t in v for v in series.values())]
+        x = np.arange(len(tasks))
+        width = 0.8 / len(series)
+        for i, (label, per_task) in enumerate(series.items()):
+            pos = x + (i - (len(series) - 1) / 2) * width
+            color = "tab:blue" if label.startswith("Joint") else "tab:orange"
+            ax.bar(pos, [np.mean(per_task[t]) if t in per_task else np.nan for t in tasks], width, color=color,
+                   alpha=0.6, label=label)
+            for p, t in zip(pos, tasks):
+                vals = per_task.get(t, [])
+                ax.scatter(np.full(len(vals), p), vals, color="black", s=10, zorder=3)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"W{b}A8: difference from LSQ")
-        ax.set_ylabel("main metric − LSQ (points)")
-        ax.legend()
+        ax.set_xticks(x, [TASKS[t].display for t in tasks], rotation=30)
+        ax.set_title(f"W{b}A8: paired difference from LSQ", fontsize=10)
+        if k == 0:
+            ax.set_ylabel("main metric − LSQ (points)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1.0), frameon=False,
+               title="bars: mean over seeds; dots: one seed each")
+    fig.tight_layout(rect=(0, 0, 1, 0.82))
     save_png(fig, path)
     plt.close(fig)
     return True
