@@ -75,13 +75,12 @@ def difference_series(pairs: dict[str, pd.DataFrame], wbits: int) -> dict[str, d
 def figure3(pairs: dict[str, pd.DataFrame], path: Path) -> bool:
     """Joint and SQuAT minus LSQ on each task's main metric, one panel per weight width: the bar is the mean of the
     paired differences (same task, bits and seed), the dots the seeds; LSQ is the zero line. False if no pairs."""
-    bits = [b for b in (2, 3, 4, 8) if difference_series(pairs, b)]
-    if not bits:
+    by_bits = {b: s for b in (2, 3, 4, 8) if (s := difference_series(pairs, b))}
+    if not by_bits:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.6), squeeze=False)
-    for k, (ax, b) in enumerate(zip(axes[0], bits)):
-        series = difference_series(pairs, b)
+    fig, axes = plt.subplots(1, len(by_bits), figsize=(4.5 * len(by_bits), 3.6), squeeze=False)
+    for k, (ax, (b, series)) in enumerate(zip(axes[0], by_bits.items())):
         tasks = [t for t in PAPER_TASKS if any(t in v for v in series.values())]
         x = np.arange(len(tasks))
         width = 0.8 / len(series)
