@@ -191,6 +191,9 @@ def report(
     reference: Optional[Path] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT variants; "
                                              "compare them with this runs root's LSQ and SQuAT runs of the same "
                                              "task, bits and seed (variants.md/.csv/.png)."),
+    timing: Optional[Path] = typer.Option(None, "--timing", help="With --reference: a runs root of reruns of "
+                                          "reference runs, timed beside the variants; their training times "
+                                          "replace the reference runs' (dev metrics stay the reference's)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="The grid recipe the runs come from: its note heads "
                                         "the report, and the claims' verdicts stay provisional until each of its "
                                         "tasks has pairs with all its seeds."),
@@ -206,10 +209,14 @@ def report(
         _fail("--grid names the grid of a results report; a --search report does not use it")
     if reference is not None and not reference.is_dir():
         _fail(f"reference runs folder {reference} does not exist")
+    if timing is not None and reference is None:
+        _fail("--timing retimes reference runs: give it with --search --reference")
+    if timing is not None and not timing.is_dir():
+        _fail(f"timing runs folder {timing} does not exist")
     if search:
         _write_search(out, reports)
         if reference is not None:
-            _write_variants(out, reference, reports)
+            _write_variants(out, reference, reports, timing)
         return
     if grid is not None:
         from squat_cli import sweep as S
@@ -229,10 +236,10 @@ def _write_search(out: Path, reports: Path) -> None:
     console.print(f"search: {len(df)} runs ({done} finished) -> {reports / 'search.md'}")
 
 
-def _write_variants(out: Path, reference: Path, reports: Path) -> None:
+def _write_variants(out: Path, reference: Path, reports: Path, timing: Optional[Path] = None) -> None:
     from squat_cli.report.variants import write_variants
 
-    found = _run(write_variants, out, reference, reports)
+    found = _run(write_variants, out, reference, reports, timing=timing)
     for v in found:
         console.print(f"{v.method}: {v.mean:+.2f} points vs squat ({v.pairs} pairs), {v.cost:.2f}x lsq; "
                       f"within noise: {'-' if v.within_noise is None else ('yes' if v.within_noise else 'no')}, cost goal: "

@@ -300,6 +300,37 @@ def test_variants_report_cli_and_bad_input(variants, tmp_path):
     assert r.exit_code == 2 and "named like a reference method" in r.output
 
 
+def test_variants_cost_from_timed_reruns_of_the_reference(variants, tmp_path):
+    """--timing: reruns of reference LSQ runs give the baseline's times; dev metrics stay the reference's, and the
+    report says how many reruns repeated the reference's dev metric exactly."""
+    from squat_cli.report.variants import write_variants
+
+    ref, var = variants
+    timing = tmp_path / "timing"
+    make_run(timing, "rte", "lsq-w2a8", 1, {"accuracy": 0.60, "steps": 10, "train_time_s": 80.0})
+    make_run(timing, "rte", "lsq-w2a8", 2, {"accuracy": 0.63, "steps": 10, "train_time_s": 100.0})  # not the same
+    make_run(timing, "rte", "lsq-w4a8", 1, {"accuracy": 0.9, "steps": 10, "train_time_s": 10.0})  # no variant ran
+    found = {v.method: v for v in write_variants(var, ref, tmp_path / "out", timing=timing)}
+    cheap = found["cheap"]
+    assert cheap.cost == pytest.approx(1.3)  # 120 / 80, 130 / 100, 125 / 100 (seed 3 keeps the reference's time)
+    assert cheap.mean == pytest.approx(-2 / 3) and cheap.noise == pytest.approx(2.0)  # accuracy untouched
+    assert found["slow"].cost == pytest.approx(2.5)  # 250 / 80, 250 / 100, 250 / 100
+    md = (tmp_path / "out" / "variants.md").read_text()
+    assert "| lsq | rte | 2/8 | 1 | 60.00 | 80 | 1.00x |" in md
+    assert "| lsq | rte | 2/8 | 2 | 62.00 | 100 | 1.00x |" in md  # the reference's dev metric, the rerun's time
+    assert "Training times of 2 reference runs come from their reruns" in md
+    assert "1 of 2 reruns gave the reference's dev metric exactly" in md
+    said = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
+                               "--timing", str(timing)])
+    assert said.exit_code == 2 and "give it with --search --reference" in said.output
+    said = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
+                               "--reference", str(ref), "--timing", str(tmp_path / "nowhere")])
+    assert said.exit_code == 2 and "does not exist" in said.output
+    said = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
+                               "--reference", str(ref), "--timing", str(timing)])
+    assert said.exit_code == 0 and "cheap: -0.67 points vs squat (3 pairs), 1.30x lsq" in " ".join(said.output.split())
+
+
 def test_variants_within_noise_unknown_with_one_target_seed(variants, tmp_path):
     """One SQuAT seed gives no seed noise: the verdict says it cannot tell instead of 'no'."""
     from squat_cli.report.variants import write_variants

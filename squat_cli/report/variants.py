@@ -49,9 +49,12 @@ class Verdict:
     meets_cost: bool
 
 
-def variant_results(root: Path, reference: Path, methods: tuple[str, ...]) -> pd.DataFrame:
+def variant_results(root: Path, reference: Path, methods: tuple[str, ...],
+                    timing: Optional[Path] = None) -> pd.DataFrame:
     """The long results table (``collect``'s layout) of every variant, each named by its folder, plus the
-    reference runs of ``methods`` at the tasks, bit widths and seeds the variants ran."""
+    reference runs of ``methods`` at the tasks, bit widths and seeds the variants ran. ``timing``: a runs root of
+    reruns of reference runs (same recipe, timed beside the variants): their training times replace the reference
+    runs' (see ``retime``)."""
     frames = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         res = collect(folder).results
@@ -65,7 +68,37 @@ def variant_results(root: Path, reference: Path, methods: tuple[str, ...]) -> pd
     ref = collect(reference).results
     keys = mine[["task", "wbits", "abits", "seed"]].drop_duplicates()
     ref = ref[ref.method.isin(methods)].merge(keys, on=["task", "wbits", "abits", "seed"])
+    if timing is not None:
+        ref = retime(ref, collect(timing).results)
     return pd.concat([mine, ref], ignore_index=True)
+
+
+RUN_KEY = ["method", "task", "wbits", "abits", "seed"]
+
+
+def retime(ref: pd.DataFrame, reruns: pd.DataFrame) -> pd.DataFrame:
+    """``ref`` with the training time of every run that ``reruns`` repeats (same method, task, bits and seed)
+    taken from the rerun, and a ``rerun_same`` row per such run: 1.0 if the rerun's main dev metric equals the
+    reference's to 1e-9 points (the same run, timed again), else 0.0. Dev metrics and sharpness stay the
+    reference's."""
+    def main(frame: pd.DataFrame) -> pd.Series:
+        keep = [TASKS[t].main_metric == m for t, m in zip(frame.task, frame.metric)]
+        return frame[keep].set_index(RUN_KEY)["value"]
+
+    times = reruns[reruns.metric == "train_time_s"].set_index(RUN_KEY)
+    ref_main, rerun_main = main(ref), main(reruns)
+    out, extra = ref.copy(), []
+    for i, row in out[out.metric == "train_time_s"].iterrows():
+        key = tuple(row[k] for k in RUN_KEY)
+        if key not in times.index:
+            continue
+        new = times.loc[[key]].iloc[0]
+        out.loc[i, ["value", "short"]] = [float(new["value"]), bool(new["short"])]
+        same = key in rerun_main.index and key in ref_main.index and \
+            abs(float(rerun_main.loc[[key]].iloc[0]) - float(ref_main.loc[[key]].iloc[0])) <= 1e-9
+        extra.append({**dict(zip(RUN_KEY, key)), "metric": "rerun_same", "value": float(same), "loss0": None,
+                      "short": False, "delta": None})
+    return pd.concat([out, pd.DataFrame(extra, columns=out.columns)], ignore_index=True) if extra else out
 
 
 def run_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -119,8 +152,22 @@ def _yes_no(v: Optional[bool]) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
-def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float) -> str:
-    lines = ["### Every run", "",
+def retimed_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
+    """The lines that say which reference runs' times come from reruns, and whether the reruns repeated them."""
+    if timing is None:
+        return []
+    same = results[results.metric == "rerun_same"]
+    if same.empty:
+        return [f"No reference run was rerun under `{timing}`: every time is the reference's own.", ""]
+    names = ", ".join(f"{m} W{w} seed {s}" for m, w, s in same[["method", "wbits", "seed"]].itertuples(index=False))
+    return [f"Training times of {len(same)} reference runs come from their reruns under `{timing}` ({names}); "
+            f"{int(same.value.sum())} of {len(same)} reruns gave the reference's dev metric exactly. Dev metrics "
+            "and sharpness stay the reference's.", ""]
+
+
+def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float,
+                      note: Optional[list[str]] = None) -> str:
+    lines = [*(note or []), "### Every run", "",
              "| method | task | W/A | seed | dev metric | train s | vs " + baseline + " | sharpness 0.01 | "
              "sharpness 0.05 |", "|---|---|---|---|---|---|---|---|---|"]
     base = runs[runs.method == baseline].set_index(["task", "wbits", "seed"])["train_time_s"]
@@ -169,13 +216,14 @@ def variants_figure(runs: pd.DataFrame, path: Path, target: str, baseline: str) 
 
 
 def write_variants(root: Path, reference: Path, folder: Path, target: str = "squat", baseline: str = "lsq",
-                   goal: float = 1.3) -> list[Verdict]:
+                   goal: float = 1.3, timing: Optional[Path] = None) -> list[Verdict]:
     """``variants.csv`` (every run), ``variants.md`` (runs and verdicts) and ``variants.png`` in ``folder``."""
-    results = variant_results(root, reference, (target, baseline))
+    results = variant_results(root, reference, (target, baseline), timing)
     runs = run_table(results)
     found = verdicts(results, target, baseline, goal)
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "variants.csv", runs.to_csv(index=False, float_format="%.6g"))
-    write_text(folder / "variants.md", variants_markdown(runs, found, target, baseline, goal))
+    write_text(folder / "variants.md", variants_markdown(runs, found, target, baseline, goal,
+                                                         retimed_note(results, timing)))
     variants_figure(runs, folder / "variants.png", target, baseline)
     return found
