@@ -281,6 +281,12 @@ def test_variants_verdicts_match_hand_computation(variants, tmp_path):
     assert "| shared | rte | 2/8 | 2 | 66.00 | - | - | - | - |" in md
     assert "| cheap | rte | 2/8 | 3 | 66.00 | 125 | 1.25x | 0.03000 | - |" in md
     assert "Variants that do both: cheap." in md
+    # per method: cheap 65 / 65 / 66 (sd 0.577), minus LSQ's 60 / 62 / 64 = 5, 3, 2; sharpness 0.01 / 0.02 / 0.03
+    assert "| cheap | 2/8 | 3 | 65.33 ± 0.58 | +3.33 | 0.02000 | - | 125 | 1.25x |" in md
+    assert "| lsq | 2/8 | 3 | 62.00 ± 2.00 | +0.00 | - | - | 100 | 1.00x |" in md
+    assert "| shared | 2/8 | 3 | 66.00 ± 0.00 | +4.00 | - | - | 200 | 2.00x |" in md
+    table = md[md.index("### Per method"):md.index("### Every run")]
+    assert table.index("| lsq |") < table.index("| squat |") < table.index("| bad |") < table.index("| cheap |")
     assert (tmp_path / "out" / "variants.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -144,6 +144,31 @@ def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> 
     return out
 
 
+def summary_table(runs: pd.DataFrame, target: str, baseline: str) -> pd.DataFrame:
+    """One row per method and bit width: its runs' mean dev metric and seed standard deviation, the mean paired
+    difference to the ``baseline`` run of the same task, bits and seed, mean sharpness, median training time and
+    median ratio of it to the baseline run's. Baseline first, then the target, then the variants."""
+    on = ["task", "wbits", "seed"]
+    base = runs[runs.method == baseline][on + ["value", "train_time_s"]]
+    order = {m: i for i, m in enumerate([baseline, target])}
+    rows = []
+    for (method, wbits, abits), g in runs.groupby(["method", "wbits", "abits"]):
+        both = g.merge(base, on=on, suffixes=("", "_b"))
+        diff = (both["value"] - both["value_b"]).dropna()
+        ratio = (both["train_time_s"] / both["train_time_s_b"]).dropna()
+        rows.append({"method": method, "wbits": wbits, "abits": abits, "runs": len(g),
+                     "mean": g["value"].mean(), "sd": g["value"].std(ddof=1) if len(g) > 1 else float("nan"),
+                     "vs_baseline": diff.mean() if len(diff) else float("nan"),
+                     **{k: g[k].astype(float).mean() for k in SHARP_KEYS},
+                     "train_time_s": g["train_time_s"].astype(float).median(),
+                     "ratio": ratio.median() if len(ratio) else float("nan"),
+                     "_order": order.get(method, 2)})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    return out.sort_values(["wbits", "_order", "method"]).drop(columns="_order").reset_index(drop=True)
+
+
 def _f(v, fmt: str = ".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
@@ -167,7 +192,17 @@ def retimed_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
 
 def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float,
                       note: Optional[list[str]] = None) -> str:
-    lines = [*(note or []), "### Every run", "",
+    lines = [*(note or []), "### Per method and bit width", "",
+             f"Mean and seed standard deviation of the dev metric; vs {baseline}: mean paired difference to the "
+             f"{baseline} run of the same task, bits and seed (points); sharpness: mean over the runs; time: median "
+             f"training time of the steps and median per-run ratio to {baseline}'s.", "",
+             f"| method | W/A | runs | dev metric | vs {baseline} | sharpness 0.01 | sharpness 0.05 | train s | "
+             f"vs {baseline} time |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_table(runs, target, baseline).itertuples(index=False):
+        lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {_f(r.mean)} ± {_f(r.sd)} | "
+                     f"{_f(r.vs_baseline, '+.2f')} | {_f(r[7], '.5f')} | {_f(r[8], '.5f')} | "
+                     f"{_f(r.train_time_s, '.0f')} | {_f(r.ratio)}x |")
+    lines += ["", "### Every run", "",
              "| method | task | W/A | seed | dev metric | train s | vs " + baseline + " | sharpness 0.01 | "
              "sharpness 0.05 |", "|---|---|---|---|---|---|---|---|---|"]
     base = runs[runs.method == baseline].set_index(["task", "wbits", "seed"])["train_time_s"]
