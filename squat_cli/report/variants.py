@@ -149,19 +149,18 @@ def summary_table(runs: pd.DataFrame, target: str, baseline: str) -> pd.DataFram
     difference to the ``baseline`` run of the same task, bits and seed, mean sharpness, median training time and
     median ratio of it to the baseline run's. Baseline first, then the target, then the variants."""
     on = ["task", "wbits", "seed"]
-    base = runs[runs.method == baseline][on + ["value", "train_time_s"]]
+    base = runs[runs.method == baseline][on + ["value"]]
     order = {m: i for i, m in enumerate([baseline, target])}
     rows = []
     for (method, wbits, abits), g in runs.groupby(["method", "wbits", "abits"]):
         both = g.merge(base, on=on, suffixes=("", "_b"))
         diff = (both["value"] - both["value_b"]).dropna()
-        ratio = (both["train_time_s"] / both["train_time_s_b"]).dropna()
         rows.append({"method": method, "wbits": wbits, "abits": abits, "runs": len(g),
                      "mean": g["value"].mean(), "sd": g["value"].std(ddof=1) if len(g) > 1 else float("nan"),
                      "vs_baseline": diff.mean() if len(diff) else float("nan"),
                      **{k: g[k].astype(float).mean() for k in SHARP_KEYS},
                      "train_time_s": g["train_time_s"].astype(float).median(),
-                     "ratio": ratio.median() if len(ratio) else float("nan"),
+                     "ratio": cost_ratio(runs[runs.wbits == wbits], method, baseline),
                      "_order": order.get(method, 2)})
     out = pd.DataFrame(rows)
     if out.empty:
