@@ -188,9 +188,11 @@ def report(
     reports: Path = typer.Option(Path("reports"), "--reports", help="Folder for tables and figures."),
     search: bool = typer.Option(False, "--search", help="--out holds a settings search (one runs root per "
                                 "setting): write search.csv and search.md, every run with its settings."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT variants; "
-                                             "compare them with this runs root's LSQ and SQuAT runs of the same "
-                                             "task, bits and seed (variants.md/.csv/.png)."),
+    reference: Optional[list[Path]] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT "
+                                                   "variants; compare them with this runs root's LSQ and SQuAT runs "
+                                                   "of the same task, bits and seed (variants.md/.csv/.png). "
+                                                   "Repeatable: a later root's runs replace the same runs of the "
+                                                   "earlier ones."),
     timing: Optional[Path] = typer.Option(None, "--timing", help="With --reference: a runs root of reruns of "
                                           "reference runs, timed beside the variants; their training times "
                                           "replace the reference runs' (dev metrics stay the reference's)."),
@@ -203,19 +205,21 @@ def report(
 
     if not out.is_dir():
         _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
-    if reference is not None and not search:
+    reference = list(reference or [])
+    if reference and not search:
         _fail("--reference compares variants: give it with --search")
     if grid is not None and search:
         _fail("--grid names the grid of a results report; a --search report does not use it")
-    if reference is not None and not reference.is_dir():
-        _fail(f"reference runs folder {reference} does not exist")
-    if timing is not None and reference is None:
+    for ref in reference:
+        if not ref.is_dir():
+            _fail(f"reference runs folder {ref} does not exist")
+    if timing is not None and not reference:
         _fail("--timing retimes reference runs: give it with --search --reference")
     if timing is not None and not timing.is_dir():
         _fail(f"timing runs folder {timing} does not exist")
     if search:
         _write_search(out, reports)
-        if reference is not None:
+        if reference:
             _write_variants(out, reference, reports, timing)
         return
     if grid is not None:
@@ -236,7 +240,7 @@ def _write_search(out: Path, reports: Path) -> None:
     console.print(f"search: {len(df)} runs ({done} finished) -> {reports / 'search.md'}")
 
 
-def _write_variants(out: Path, reference: Path, reports: Path, timing: Optional[Path] = None) -> None:
+def _write_variants(out: Path, reference: list[Path], reports: Path, timing: Optional[Path] = None) -> None:
     from squat_cli.report.variants import write_variants
 
     found = _run(write_variants, out, reference, reports, timing=timing)

@@ -548,3 +548,35 @@ def test_verdicts_provisional_until_every_task_of_the_grid_has_pairs(claims_grid
     both = runner.invoke(app, ["report", "--out", str(claims_grid), "--reports", str(tmp_path / "s"), "--search",
                                "--grid", "recipes/replication/grid.yaml"])
     assert both.exit_code == 2 and "--grid" in both.output and not (tmp_path / "s").exists()
+
+
+def test_variants_later_reference_root_replaces_runs_whole(variants, tmp_path):
+    """A second --reference root: its runs replace the same runs of the first whole (dev metric, sharpness, time),
+    and a --timing rerun of a replaced run no longer prices it."""
+    from squat_cli.report.variants import write_variants
+
+    ref, var = variants
+    again = tmp_path / "again"  # seed 3 retrained: LSQ 0.62 in 90 s, SQuAT 0.70 (was 0.64 and 0.68)
+    make_run(again, "rte", "lsq-w2a8", 3, {"accuracy": 0.62, "steps": 10, "train_time_s": 90.0},
+             sharp={"ascent/rho=0.01": {"score": 0.5, "loss0": 0.5, "delta_norm": 0.01}})
+    make_run(again, "rte", "squat-w2a8", 3, {"accuracy": 0.70, "steps": 10, "train_time_s": 300.0})
+    timing = tmp_path / "timing"
+    make_run(timing, "rte", "lsq-w2a8", 1, {"accuracy": 0.60, "steps": 10, "train_time_s": 80.0})
+    make_run(timing, "rte", "lsq-w2a8", 3, {"accuracy": 0.64, "steps": 10, "train_time_s": 50.0})  # of the old run
+    found = {v.method: v for v in write_variants(var, [ref, again], tmp_path / "out", timing=timing)}
+    cheap = found["cheap"]
+    # pairs vs squat 66 / 64 / 70: -1, +1, -4; squat's seeds variance 9.333, noise 3.055
+    assert cheap.pairs == 3 and cheap.mean == pytest.approx(-4 / 3)
+    assert cheap.noise == pytest.approx(np.sqrt(28 / 3))
+    assert cheap.cost == pytest.approx(125 / 90)  # median of 120 / 80, 130 / 100, 125 / 90 (not 125 / 50)
+    md = (tmp_path / "out" / "variants.md").read_text()
+    assert "| lsq | rte | 2/8 | 3 | 62.00 | 90 | 1.00x | 0.50000 | - |" in md
+    assert f"2 reference runs come from `{again}` (lsq W2 seed 3, squat W2 seed 3)" in md
+    assert "Training times of 1 reference runs come from their reruns" in md  # seed 3's rerun priced a run now gone
+    assert "1 of 1 reruns gave the reference's dev metric exactly" in md
+    r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
+                            "--reference", str(ref), "--reference", str(again)])
+    assert r.exit_code == 0 and "cheap: -1.33 points vs squat (3 pairs)" in " ".join(r.output.split())
+    r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
+                            "--reference", str(ref), "--reference", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "does not exist" in r.output

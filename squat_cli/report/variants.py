@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,12 +49,13 @@ class Verdict:
     meets_cost: bool
 
 
-def variant_results(root: Path, reference: Path, methods: tuple[str, ...],
+def variant_results(root: Path, reference: Path | Sequence[Path], methods: tuple[str, ...],
                     timing: Optional[Path] = None) -> pd.DataFrame:
     """The long results table (``collect``'s layout) of every variant, each named by its folder, plus the
     reference runs of ``methods`` at the tasks, bit widths and seeds the variants ran. ``timing``: a runs root of
     reruns of reference runs (same recipe, timed beside the variants): their training times replace the reference
-    runs' (see ``retime``)."""
+    runs' (see ``retime``). Several reference roots: a run of a later root (same method, task, bits and seed)
+    replaces the earlier roots' whole, its own time included (``timing`` retimes the first root's runs only)."""
     frames = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         res = collect(folder).results
@@ -65,12 +66,31 @@ def variant_results(root: Path, reference: Path, methods: tuple[str, ...],
     mine = pd.concat(frames, ignore_index=True)
     if set(mine.method) & set(methods):
         raise SquatError(f"a variant folder under {root} is named like a reference method ({', '.join(methods)})")
-    ref = collect(reference).results
+    roots = [Path(reference)] if isinstance(reference, (str, Path)) else [Path(r) for r in reference]
     keys = mine[["task", "wbits", "abits", "seed"]].drop_duplicates()
-    ref = ref[ref.method.isin(methods)].merge(keys, on=["task", "wbits", "abits", "seed"])
+
+    def reference_runs(at: Path) -> pd.DataFrame:
+        res = collect(at).results
+        return res[res.method.isin(methods)].merge(keys, on=["task", "wbits", "abits", "seed"])
+
+    ref = reference_runs(roots[0])
     if timing is not None:
         ref = retime(ref, collect(timing).results)
+    for later in roots[1:]:
+        ref = replace_runs(ref, reference_runs(later), later)
     return pd.concat([mine, ref], ignore_index=True)
+
+
+def replace_runs(ref: pd.DataFrame, new: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """``ref`` with every run that ``new`` holds (same method, task, bits and seed) taken whole from ``new``, and a
+    ``replaced`` row per such run (its value: 1.0) naming ``source``. A ``rerun_same`` row of a replaced run goes:
+    that timing rerun repeated a run no longer in the table."""
+    if new.empty:
+        return ref
+    runs = new[RUN_KEY].drop_duplicates()
+    hit = ref.merge(runs.assign(_new=True), on=RUN_KEY, how="left")["_new"].fillna(False).astype(bool).to_numpy()
+    marks = runs.assign(metric="replaced", value=1.0, loss0=None, short=False, delta=None, source=str(source))
+    return pd.concat([ref[~hit], new, marks.reindex(columns=list(dict.fromkeys([*ref.columns, "source"])))], ignore_index=True)
 
 
 RUN_KEY = ["method", "task", "wbits", "abits", "seed"]
@@ -178,14 +198,20 @@ def _yes_no(v: Optional[bool]) -> str:
 
 def retimed_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
     """The lines that say which reference runs' times come from reruns, and whether the reruns repeated them."""
+    lines = []
+    replaced = results[results.metric == "replaced"] if "source" in results else results.iloc[:0].assign(source="")
+    for source, g in replaced.groupby("source", sort=False):
+        names = ", ".join(f"{m} W{w} seed {s}" for m, w, s in g[["method", "wbits", "seed"]].itertuples(index=False))
+        lines += [f"{len(g)} reference runs come from `{source}` ({names}), with their own dev metrics, "
+                  "sharpness and training times.", ""]
     if timing is None:
-        return []
+        return lines
     same = results[results.metric == "rerun_same"]
     if same.empty:
-        return [f"No reference run was rerun under `{timing}`: every time is the reference's own.", ""]
+        return [*lines, f"No reference run was rerun under `{timing}`: every time is the reference's own.", ""]
     names = ", ".join(f"{m} W{w} seed {s}" for m, w, s in same[["method", "wbits", "seed"]].itertuples(index=False))
-    return [f"Training times of {len(same)} reference runs come from their reruns under `{timing}` ({names}); "
-            f"{int(same.value.sum())} of {len(same)} reruns gave the reference's dev metric exactly. Dev metrics "
+    return [*lines, f"Training times of {len(same)} reference runs come from their reruns under `{timing}` "
+            f"({names}); {int(same.value.sum())} of {len(same)} reruns gave the reference's dev metric exactly. Dev metrics "
             "and sharpness stay the reference's.", ""]
 
 
@@ -249,7 +275,7 @@ def variants_figure(runs: pd.DataFrame, path: Path, target: str, baseline: str) 
     return True
 
 
-def write_variants(root: Path, reference: Path, folder: Path, target: str = "squat", baseline: str = "lsq",
+def write_variants(root: Path, reference: Path | Sequence[Path], folder: Path, target: str = "squat", baseline: str = "lsq",
                    goal: float = 1.3, timing: Optional[Path] = None) -> list[Verdict]:
     """``variants.csv`` (every run), ``variants.md`` (runs and verdicts) and ``variants.png`` in ``folder``."""
     results = variant_results(root, reference, (target, baseline), timing)
