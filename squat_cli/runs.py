@@ -306,7 +306,23 @@ def environment(device: str, extra: Optional[dict[str, Any]] = None) -> dict[str
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
+        # bf16 CPU kernels are chosen by the CPU's features: the same seed and versions can train differently on
+        # another CPU, so the run says which one it had
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": sys.argv,
     }
     env.update(extra or {})
     return env
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
+    """The CPU's model name (Linux: /proc/cpuinfo's first ``model name``; elsewhere ``platform.processor()``)."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None

@@ -37,6 +37,7 @@ def test_tiny_run_folder_skip_and_force(tmp_path, glue_dir, tiny_bert):
     assert rec["data"]["task"] == "rte" and rec["train"]["max_steps"] == 6 and rec["model"]["name_or_path"] == str(tiny_bert)
     env = json.loads((run / "environment.json").read_text())
     assert env["device"] == "cpu" and env["versions"]["torch"]
+    assert env["cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256"} and env["cpu"]
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
     assert not list((run / "model").glob("*.bin"))
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -166,3 +167,15 @@ def test_refused_remote_code_is_our_first_line(tmp_path, glue_dir, tiny_bert):
     assert res.returncode == 2, res.stderr
     first = res.stderr.strip().splitlines()[0]
     assert first.startswith("error:") and "remote code ran" not in res.stdout + res.stderr, res.stderr
+
+
+def test_cpu_model_read_from_cpuinfo(tmp_path):
+    from squat_cli.runs import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                    "processor\t: 1\nmodel name\t: Other\n")
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor"
+    import platform
+
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or None)
