@@ -196,11 +196,12 @@ def _yes_no(v: Optional[bool]) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
-def retimed_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
-    """The lines that say which reference runs' times come from reruns, and whether the reruns repeated them."""
+def reference_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
+    """The lines that say which reference runs come from later reference roots, which runs' times come from
+    reruns, and whether the reruns repeated them."""
     lines = []
-    replaced = results[results.metric == "replaced"] if "source" in results else results.iloc[:0].assign(source="")
-    for source, g in replaced.groupby("source", sort=False):
+    replaced = results[results.metric == "replaced"]
+    for source, g in (replaced.groupby("source", sort=False) if "source" in replaced else ()):
         names = ", ".join(f"{m} W{w} seed {s}" for m, w, s in g[["method", "wbits", "seed"]].itertuples(index=False))
         lines += [f"{len(g)} reference runs come from `{source}` ({names}), with their own dev metrics, "
                   "sharpness and training times.", ""]
@@ -284,6 +285,6 @@ def write_variants(root: Path, reference: Path | Sequence[Path], folder: Path, t
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "variants.csv", runs.to_csv(index=False, float_format="%.6g"))
     write_text(folder / "variants.md", variants_markdown(runs, found, target, baseline, goal,
-                                                         retimed_note(results, timing)))
+                                                         reference_note(results, timing)))
     variants_figure(runs, folder / "variants.png", target, baseline)
     return found
