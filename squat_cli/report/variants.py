@@ -88,9 +88,9 @@ def replace_runs(ref: pd.DataFrame, new: pd.DataFrame, source: Path) -> pd.DataF
     if new.empty:
         return ref
     runs = new[RUN_KEY].drop_duplicates()
-    hit = ref.merge(runs.assign(_new=True), on=RUN_KEY, how="left")["_new"].fillna(False).astype(bool).to_numpy()
-    marks = runs.assign(metric="replaced", value=1.0, loss0=None, short=False, delta=None, source=str(source))
-    return pd.concat([ref[~hit], new, marks.reindex(columns=list(dict.fromkeys([*ref.columns, "source"])))], ignore_index=True)
+    hit = pd.MultiIndex.from_frame(ref[RUN_KEY]).isin(pd.MultiIndex.from_frame(runs))
+    marks = runs.assign(metric="replaced", value=1.0, short=False, source=str(source))
+    return pd.concat([ref[~hit], new, marks], ignore_index=True)
 
 
 RUN_KEY = ["method", "task", "wbits", "abits", "seed"]
