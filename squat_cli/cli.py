@@ -27,6 +27,7 @@ from squat_cli.cli_base import (
     err_console,
 )
 from squat_cli.errors import SquatError
+from squat_cli.quant import methods
 
 
 def _summary(title: str, metrics: dict, run_path: Path, skipped: bool) -> None:
@@ -84,8 +85,7 @@ def finetune(
 @app.command(epilog="Example: squat quantize --task rte --method squat --wbits 2 --abits 8 --rho 0.1")
 def quantize(
     task: Optional[str] = TaskOpt,
-    method: Optional[str] = typer.Option(None, "--method",
-                                         help="lsq, joint, squat, fp-sam, q8bert, ptq, gobo or qbert (default squat)."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"{methods.help_text()} (default squat)."),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="Weight bits, 2..8 (default 4)."),
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits, 2..32; 32 = not quantized (default 8)."),
     rho: Optional[float] = typer.Option(None, "--rho", help="SAM radius (default: 0.1 for 2/3-bit, 0.15 for 4-bit)."),
@@ -104,8 +104,8 @@ def quantize(
     from squat_cli.progress import RichReporter
     from squat_cli.recipe import QUANTIZE_DEFAULTS, load_recipe
 
-    if abits is None and method == "gobo":
-        abits = 32  # GOBO quantizes weights only
+    if abits is None and method in methods.METHODS and methods.get_method(method).weight_only:
+        abits = 32  # a weight-only method (GOBO) keeps activations in FP32
     overrides = {"data.task": task, "quant.method": method, "quant.wbits": wbits, "quant.abits": abits,
                  "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
                  "train.epochs": epochs}

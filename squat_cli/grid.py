@@ -21,29 +21,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from squat_cli.errors import RecipeError
 from squat_cli.glue import get_task
-from squat_cli.recipe import (
-    METHODS,
-    QUANTIZE_DEFAULTS,
-    WEIGHT_ONLY_METHODS,
-    Recipe,
-    apply_overrides,
-    merge_sections,
-    recipe_from_dict,
-)
+from squat_cli.quant.methods import METHODS, MIXED_RE, get_method, is_known
+from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, apply_overrides, merge_sections, recipe_from_dict
 from squat_cli.sharpness import SharpnessSettings
 from squat_cli.typed import build
 from squat_cli.yaml_safe import read_yaml
-
-SAM_METHODS = ("joint", "squat", "fp-sam")
-MIXED_RE = re.compile(r"^qbert-mp([2-8])$")
-"""Grid method names for Q-BERT's mixed precision: ``qbert-mp3`` is W/3 for each W of its bit widths."""
 
 
 @dataclass
@@ -109,7 +97,7 @@ class Grid:
         if setting:
             apply_overrides(d, dict(self.settings[setting]))
         over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
-                "quant.abits": 32 if method in WEIGHT_ONLY_METHODS else self.sweep.abits}
+                "quant.abits": 32 if get_method(method).weight_only else self.sweep.abits}
         mixed = MIXED_RE.match(method)
         if mixed:  # qbert-mp<H>: Q-BERT with mixed precision W/H
             over.update({"quant.method": "qbert", "quant.mixed": f"{wbits}/{mixed.group(1)}"})
@@ -119,7 +107,7 @@ class Grid:
         if isinstance(rho, dict):  # per-bits radius: {2: 0.1, 4: 0.15}
             if wbits in rho:
                 over["sam.rho"] = rho[wbits]
-            elif method in SAM_METHODS:
+            elif get_method(method).uses_sam:
                 raise RecipeError(f"quantize.sam.rho: no radius for W{wbits} (have {sorted(rho)})")
             else:  # no SAM: the radius is unused
                 over["sam.rho"] = None
@@ -172,10 +160,9 @@ def load_grid(path: Path | str) -> Grid:
     grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings, method_settings)
     for t in sweep.tasks:
         get_task(t)
-    known = {"fp", *METHODS}
     for m in [*sweep.methods, *(sweep.sharpness_methods or []), *sweep.method_wbits]:
-        if m not in known and not MIXED_RE.match(m):
-            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted(known))}, "
+        if not is_known(m):
+            raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted({'fp', *METHODS}))}, "
                               "qbert-mp<H> (Q-BERT mixed precision W/H)")
     if any(r <= 0 for r in sweep.sharpness_rhos):
         raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")

@@ -19,13 +19,14 @@ from squat_cli.batching import train_loader
 from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
-from squat_cli.mixed_precision import assign_mixed_bits
 from squat_cli.models import load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.gobo import gobo_outlier_shares
+from squat_cli.quant.methods import get_method
+from squat_cli.quant.mixed_precision import assign_mixed_bits
 from squat_cli.quant.qlinear import is_quantizer_key
-from squat_cli.recipe import POST_TRAINING_METHODS, Recipe, recipe_from_dict
+from squat_cli.recipe import Recipe, recipe_from_dict
 from squat_cli.runs import (
     RunDir,
     atomic_dir,
@@ -163,7 +164,7 @@ def _train_and_save(
     task = data.task
     try:
         steps_before = step_summary(model)
-        if method in POST_TRAINING_METHODS:
+        if get_method(method).post_training:
             m = evaluate(model, task, data.dev, recipe.train.eval_batch_size, tokenizer.pad_token_id,
                          acc.device, acc.autocast)
             if main:
@@ -260,12 +261,13 @@ def quantize(
     if q.mixed_bits():  # Q-BERT: the FP model's Hessian decides which layers get the higher bit width
         bits, method_info = assign_mixed_bits(model, q, data.train, recipe.train.seed, tokenizer.pad_token_id)
     names = quantize_model(model, q, bits=bits)
-    if not names and q.method != "fp-sam":
+    if not names and get_method(q.method).quantizes:
         what = f"quant.include {q.include}" if q.include is not None else "no repeated encoder block was found and"
         raise RecipeError(f"{what} (minus quant.exclude) matches no linear layer of this model: nothing would be "
                           "quantized; set quant.include")
-    if q.method == "gobo":
-        method_info["gobo_outlier_share"] = gobo_outlier_shares(model)
+    outliers = gobo_outlier_shares(model)
+    if outliers:  # GOBO's FP32 outliers, per module
+        method_info["gobo_outlier_share"] = outliers
     model.to(acc.device)
     calib = train_loader(data.train, recipe.train.batch_size, recipe.train.seed + 1, tokenizer.pad_token_id)
     calib_batches = [b for _, b in zip(range(q.calib_batches), calib)]
@@ -292,7 +294,7 @@ def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
     tokenizer = load_tokenizer(str(run.model_dir))
     model = load_model(str(run.model_dir), task)
     method, _, _ = parse_variant(run.variant)
-    if method not in ("fp", "fp-sam"):
+    if get_method(method).quantizes:
         if recipe.quant is None:
             raise RunError(f"{run.recipe_file}: a quantized run's recipe needs its quant section")
         quantize_model(model, recipe.quant, init_steps=False)

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional
 from squat_cli.errors import SquatError
 from squat_cli.glue import get_task
 from squat_cli.grid import Grid, is_grid_recipe, load_grid  # noqa: F401  (the sweep's entry points)
-from squat_cli.recipe import WEIGHT_ONLY_METHODS, Recipe, recipe_from_dict
+from squat_cli.quant.methods import get_method
+from squat_cli.recipe import Recipe, recipe_from_dict
 from squat_cli.runs import RunDir, variant_name
 from squat_cli.sharpness import SharpnessSettings
 from squat_cli.yaml_safe import read_yaml
@@ -68,9 +69,8 @@ def plan(grid: Grid) -> list[Job]:
             for name in grid.setting_names():
                 for m in grid.sweep.methods:
                     for b in grid.sweep.method_wbits.get(m, grid.sweep.wbits):
-                        if m == "fp-sam":  # unquantized: one run, whatever the bits
-                            b = 32
-                        variant = variant_name(m, b, 32 if m in WEIGHT_ONLY_METHODS else grid.sweep.abits)
+                        b, a = get_method(m).variant_bits(b, grid.sweep.abits)  # fp-sam: one w32a32 run
+                        variant = variant_name(m, b, a)
                         job = Job("quantize", t, seed, variant, m, b, setting=name)
                         if job not in chain:
                             chain.append(job)

@@ -10,7 +10,8 @@ from transformers import (
 )
 
 from squat_cli.quant.convert import calibrate, quantize_model
-from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.lsq import LsqQuantizer
+from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, step_parameters
 from squat_cli.recipe import QuantConfig
 from tests.quant_helpers import batches, tiny_bert

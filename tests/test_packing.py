@@ -6,7 +6,8 @@ import torch
 from squat_cli.export.codes import ExportError, act_state, build_act_quantizer, decode_weight, encode_weight
 from squat_cli.export.packing import pack_codes, packed_bytes, unpack_codes
 from squat_cli.quant.gobo import GoboQuantizer
-from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.lsq import LsqQuantizer
+from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qbert import EmaRangeQuantizer, GroupQuantizer
 from squat_cli.quant.qlinear import QuantLinear
 

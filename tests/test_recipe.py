@@ -72,7 +72,7 @@ def test_unknown_section(tmp_path):
         (["quant.wbits=9"], r"quant.wbits: 9 is outside 2..8"),
         (["quant.abits=1"], r"quant.abits: 1 is outside 2..32"),
         (["sam.rho=-0.1"], r"sam.rho: -0.1 must be >= 0"),
-        (["quant.method=foo"], r"quant.method: 'foo' is not valid; expected one of lsq"),
+        (["quant.method=foo"], r"quant.method: 'foo' is not valid; expected one of ptq, q8bert, gobo"),
         (["train.lr"], r"--set 'train.lr': expected key=value"),
         (["train.aux_precision=fp16"], r"train.aux_precision: 'fp16' is not valid; expected one of same, bf16"),
         (["model.trust_remote_code=maybe"], r"model.trust_remote_code: 'maybe' is not valid; expected true or false"),

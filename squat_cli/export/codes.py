@@ -26,7 +26,8 @@ from torch import nn
 
 from squat_cli.export.packing import pack_codes, unpack_codes
 from squat_cli.quant.gobo import GoboQuantizer, outlier_mask
-from squat_cli.quant.lsq import MIN_STEP, LsqQuantizer, MaxQuantizer
+from squat_cli.quant.lsq import MIN_STEP, LsqQuantizer
+from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qbert import EmaRangeQuantizer, GroupQuantizer, group_ranges
 
 

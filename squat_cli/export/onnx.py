@@ -36,7 +36,8 @@ from torch import nn
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
 from squat_cli.export.packed import check_destination, check_exportable, read_manifest_file, run_facts
-from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
+from squat_cli.quant.lsq import LsqQuantizer
+from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
 

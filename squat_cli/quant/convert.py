@@ -20,15 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from squat_cli.errors import RecipeError, RunError
-from squat_cli.quant.gobo import GoboQuantizer
-from squat_cli.quant.lsq import LsqQuantizer, MaxQuantizer
-from squat_cli.quant.qbert import EmaRangeQuantizer, GroupQuantizer
+from squat_cli.errors import RunError
+from squat_cli.quant.methods import get_method
+from squat_cli.quant.q8bert import MaxQuantizer
+from squat_cli.quant.qbert import EmaRangeQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, learned_quantizers, quant_layers
 from squat_cli.recipe import QuantConfig
 from squat_cli.runs import atomic_path
-
-FP_METHODS = ("fp-sam",)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -67,36 +65,6 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _weight_quantizer(cfg: QuantConfig, rows: int, bits: int, embedding: bool = False) -> nn.Module:
-    if cfg.method == "q8bert":
-        return MaxQuantizer(bits)
-    if cfg.method == "gobo":
-        return GoboQuantizer(bits, cfg.gobo_threshold)
-    if cfg.method == "qbert":
-        return GroupQuantizer(bits, 1 if embedding else cfg.qbert_groups)
-    return LsqQuantizer(bits, channels=rows if cfg.per_channel else None, learnable=cfg.method != "ptq")
-
-
-def _act_quantizer(cfg: QuantConfig) -> nn.Module | None:
-    if cfg.abits >= 32 or cfg.method == "gobo":
-        return None
-    if cfg.method == "q8bert":
-        return MaxQuantizer(cfg.abits, ema=cfg.q8bert_ema)
-    if cfg.method == "qbert":
-        return EmaRangeQuantizer(cfg.abits, cfg.qbert_act_momentum)
-    return LsqQuantizer(cfg.abits, learnable=cfg.method != "ptq", grad_scale=cfg.act_grad_scale)
-
-
-def _init_weight(wq: nn.Module, weight: torch.Tensor, cfg: QuantConfig) -> None:
-    if isinstance(wq, LsqQuantizer):
-        if cfg.method == "ptq":
-            (wq.init_mse if cfg.ptq_step == "mse" else wq.init_max)(weight.detach())
-        else:
-            wq.init_lsq(weight.detach())
-    elif isinstance(wq, GoboQuantizer):
-        wq.fit(weight.detach())
-
-
 def quantize_model(model: nn.Module, cfg: QuantConfig, init_steps: bool = True,
                    bits: Optional[dict[str, int]] = None) -> list[str]:
     """Swap the selected layers for quantized ones in place; return their names.
@@ -106,29 +74,29 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, init_steps: bool = True,
     ``bits`` gives some layers (by module name) another weight bit width than
     ``cfg.wbits`` (Q-BERT's mixed precision). ``fp-sam`` quantizes nothing.
     """
-    if cfg.method in FP_METHODS:
+    method = get_method(cfg.method)
+    if not method.quantizes:
         return []
     bits = bits or {}
     names = select_linear(model, cfg.include, cfg.exclude)
-    if cfg.method == "qbert":
+    if method.check_layer is not None:
         for name in names:
-            rows = model.get_submodule(name).out_features
-            if rows % cfg.qbert_groups:
-                raise RecipeError(f"quant.qbert_groups: {cfg.qbert_groups} does not divide the {rows} rows of {name}")
+            method.check_layer(cfg, model.get_submodule(name).out_features, name)
     for name in names:
         lin = model.get_submodule(name)
-        wq = _weight_quantizer(cfg, lin.out_features, bits.get(name, cfg.wbits))
-        q = QuantLinear.from_linear(lin, wq, _act_quantizer(cfg))
+        wq = method.weight_quantizer(cfg, lin.out_features, bits.get(name, cfg.wbits), False)
+        aq = method.act_quantizer(cfg) if method.act_quantizer is not None and cfg.abits < 32 else None
+        q = QuantLinear.from_linear(lin, wq, aq)
         if init_steps:
-            _init_weight(q.wq, q.weight, cfg)
+            method.init_weight(q.wq, q.weight.detach(), cfg)
         _set_module(model, name, q)
     emb_bits = cfg.embedding_bits()
     if emb_bits is not None:
         emb = model.get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)
-        q = QuantEmbedding.from_embedding(emb, _weight_quantizer(cfg, emb.num_embeddings, emb_bits, embedding=True))
+        q = QuantEmbedding.from_embedding(emb, method.weight_quantizer(cfg, emb.num_embeddings, emb_bits, True))
         if init_steps:
-            _init_weight(q.wq, q.weight, cfg)
+            method.init_weight(q.wq, q.weight.detach(), cfg)
         _set_module(model, emb_name, q)
         names.append(emb_name)
     return names

@@ -9,14 +9,14 @@ from typing import Any, Literal, Optional
 import yaml
 
 from squat_cli.errors import RecipeError
+from squat_cli.quant.methods import METHODS, get_method, names_where
 from squat_cli.typed import build
 
 MAX_SEED = 2**32 - 1
 """numpy's seeding takes 32-bit seeds."""
-METHODS = ("lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert")
-WEIGHT_ONLY_METHODS = ("fp-sam", "gobo")
+WEIGHT_ONLY_METHODS = names_where(weight_only=True, selectable=True)
 """Methods whose activations stay FP32 (their variant is always ``a32``)."""
-POST_TRAINING_METHODS = ("ptq", "gobo")
+POST_TRAINING_METHODS = names_where(post_training=True)
 """Methods that make no training step."""
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
 class QuantConfig:
     """Quantizers, the modules they wrap, and the step-size optimizer."""
 
-    method: Literal["lsq", "joint", "squat", "fp-sam", "q8bert", "ptq", "gobo", "qbert"] = "squat"
+    method: Literal[METHODS] = "squat"
+    """One of the method table's names (``quant/methods.py``)."""
     wbits: int = 4
     abits: int = 8
     per_channel: bool = False
@@ -148,11 +149,9 @@ class QuantConfig:
     def variant_parts(self) -> tuple[str, int, int]:
         """(method label, weight bits, activation bits) of the run folder's variant: weight-only methods are
         ``a32``, fp-sam ``w32a32``, Q-BERT's mixed precision ``qbert-mp<H>`` with W = the lower bit width."""
-        if self.method == "fp-sam":
-            return "fp-sam", 32, 32
-        abits = 32 if self.method in WEIGHT_ONLY_METHODS else self.abits
+        wbits, abits = get_method(self.method).variant_bits(self.wbits, self.abits)
         mixed = self.mixed_bits()
-        return (f"qbert-mp{mixed[1]}" if mixed else self.method), self.wbits, abits
+        return (f"qbert-mp{mixed[1]}" if mixed else self.method), wbits, abits
 
     def mixed_bits(self) -> Optional[tuple[int, int]]:
         """(low, high) of ``mixed``, or None."""
@@ -163,14 +162,7 @@ class QuantConfig:
 
     def embedding_bits(self) -> Optional[int]:
         """Bits of the word embeddings for this method (None: kept FP32)."""
-        if self.method == "gobo":
-            bits = self.gobo_embedding_bits
-            if bits is None:
-                bits = 2 if self.wbits == 2 else max(4, self.wbits)
-            return None if bits >= 32 else bits
-        if self.method == "qbert":
-            return None if self.qbert_embedding_bits >= 32 else self.qbert_embedding_bits
-        return self.wbits if self.quantize_embeddings else None
+        return get_method(self.method).embedding_bits(self)
 
 
 @dataclass
@@ -249,7 +241,8 @@ class Recipe:
             if not 0 < getattr(self.sam, key) <= 1:
                 raise RecipeError(f"sam.{key}: {getattr(self.sam, key)} must be in (0, 1]")
         if q is not None:
-            if not 2 <= q.wbits <= 8 and not (q.method == "fp-sam" and q.wbits == 32):
+            method = get_method(q.method)
+            if not 2 <= q.wbits <= 8 and not (not method.quantizes and q.wbits == 32):
                 raise RecipeError(f"quant.wbits: {q.wbits} is outside 2..8")
             if not 2 <= q.abits <= 32:
                 raise RecipeError(f"quant.abits: {q.abits} is outside 2..32")
@@ -259,8 +252,8 @@ class Recipe:
                 raise RecipeError(f"quant.step_momentum: {q.step_momentum} must be in [0, 1)")
             if not 0 < q.q8bert_ema < 1:
                 raise RecipeError(f"quant.q8bert_ema: {q.q8bert_ema} must be in (0, 1)")
-            if q.method == "gobo" and q.abits != 32:
-                raise RecipeError(f"quant.abits: {q.abits}; gobo keeps activations in FP32 (use 32)")
+            if method.quantizes and method.weight_only and q.abits != 32:
+                raise RecipeError(f"quant.abits: {q.abits}; {q.method} keeps activations in FP32 (use 32)")
             if q.gobo_embedding_bits is not None and not (1 <= q.gobo_embedding_bits <= 8
                                                           or q.gobo_embedding_bits == 32):
                 raise RecipeError(f"quant.gobo_embedding_bits: {q.gobo_embedding_bits} is outside 1..8 (or 32)")
@@ -270,8 +263,9 @@ class Recipe:
             if not 0 < q.qbert_act_momentum < 1:
                 raise RecipeError(f"quant.qbert_act_momentum: {q.qbert_act_momentum} must be in (0, 1)")
             if q.mixed is not None:
-                if q.method != "qbert":
-                    raise RecipeError(f"quant.mixed: mixed precision is a qbert option (method is {q.method})")
+                if not method.mixed_precision:
+                    mixed = ", ".join(names_where(mixed_precision=True))
+                    raise RecipeError(f"quant.mixed: mixed precision is an option of {mixed} (method is {q.method})")
                 parts = q.mixed.split("/")
                 if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 2 <= int(parts[0]) < int(parts[1]) <= 8:
                     raise RecipeError(f"quant.mixed: {q.mixed!r} must be L/H with 2 <= L < H <= 8, e.g. 2/3")

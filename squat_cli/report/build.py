@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from squat_cli.quant.methods import names_where
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
 from squat_cli.report.compute import compute_markdown, compute_table
@@ -15,6 +16,8 @@ from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_m
 from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
 from squat_cli.runs import write_text
 
+SAM_QUANTIZED = names_where(uses_sam=True, quantizes=True)
+"""The quantized methods whose runs take a SAM radius (the paper's rho)."""
 PAPER_SETUP = {
     "model": "bert-base-uncased",
     "fp_epochs": 5.0,
@@ -88,7 +91,7 @@ def setup_differences(col: Collected) -> list[str]:
     counts = sorted({len(s) for s in seeds.values()})
     if counts != [PAPER_SETUP["seeds"]]:
         out.append(f"seeds per cell: {', '.join(map(str, counts))} (paper: 3)")
-    rhos = sorted({(r["wbits"], _get(r["recipe"], "sam", "rho")) for r in qat if r["method"] in ("squat", "joint")})
+    rhos = sorted({(r["wbits"], _get(r["recipe"], "sam", "rho")) for r in qat if r["method"] in SAM_QUANTIZED})
     paper_rho = {2: 0.1, 3: 0.1, 4: 0.15}
     odd = [f"W{b}: {rho}" for b, rho in rhos if rho is not None and paper_rho.get(b) != rho]
     if odd:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from squat_cli.recipe import POST_TRAINING_METHODS
+from squat_cli.quant.methods import names_where
 
 PARTS = (("fp", "FP fine-tuning"), ("qat", "QAT"), ("post", "PTQ / GOBO"), ("sharpness", "sharpness"))
 COLUMNS = ["task", "part", "count", "steps_h", "eval_h", "timed", "jobs_h", "contended"]
@@ -27,7 +27,7 @@ COLUMNS = ["task", "part", "count", "steps_h", "eval_h", "timed", "jobs_h", "con
 def _part(method: str) -> str:
     if method == "fp":
         return "fp"
-    return "post" if method in POST_TRAINING_METHODS else "qat"
+    return "post" if method in names_where(post_training=True) else "qat"
 
 
 def _seconds(frame: pd.DataFrame, metric: str) -> pd.Series:

@@ -11,8 +11,10 @@ from typing import Optional
 
 import pandas as pd
 
-# our method names -> the paper's row labels
-PAPER_METHOD = {"fp": "FP32", "lsq": "LSQ", "squat": "SQuAT", "q8bert": "Q8BERT", "gobo": "GOBO", "qbert": "Q-BERT"}
+from squat_cli.quant.methods import METHODS_BY_NAME
+
+PAPER_METHOD = {m.name: m.paper_label for m in METHODS_BY_NAME.values() if m.paper_label}
+"""Our method names -> the paper's row labels (from the method table)."""
 
 
 @lru_cache(maxsize=1)

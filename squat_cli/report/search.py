@@ -15,12 +15,13 @@ import pandas as pd
 
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
+from squat_cli.quant.methods import names_where
 from squat_cli.runs import discover, read_json, write_text
 from squat_cli.yaml_safe import read_yaml
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),
             ("quant", "act_grad_scale"), ("sam", "dropout_replay"), ("train", "epochs")]
-SAM_METHODS = ("squat", "joint", "fp-sam")
+SAM_METHODS = names_where(uses_sam=True)
 COLUMNS = ["setting", "task", "variant", "seed", "status", "metric", "value", "eval_loss", "train_time_s",
            *[k for _, k in SEARCHED]]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from squat_cli.recipe import POST_TRAINING_METHODS
-from squat_cli.report.tables import METHOD_ORDER, method_label
+from squat_cli.quant.methods import names_where, order
+from squat_cli.report.tables import method_label
 
 KINDS = (("weight", "weight step"), ("act", "activation step"))
 
@@ -23,7 +23,7 @@ def step_size_table(results: pd.DataFrame) -> pd.DataFrame:
     cols = ["task", "method", "wbits", "abits", "kind", "seeds", "init", "final", "change", "grew"]
     if results.empty:
         return pd.DataFrame(columns=cols)
-    steps = results[results.metric.str.startswith("step:") & ~results.method.isin(POST_TRAINING_METHODS)]
+    steps = results[results.metric.str.startswith("step:") & ~results.method.isin(names_where(post_training=True))]
     if steps.empty:
         return pd.DataFrame(columns=cols)
     parts = steps.metric.str.split(":", expand=True)
@@ -35,8 +35,7 @@ def step_size_table(results: pd.DataFrame) -> pd.DataFrame:
     g = wide.groupby(["task", "method", "wbits", "abits", "kind"]).agg(
         seeds=("seed", "count"), init=("init", "mean"), final=("final", "mean"), change=("change", "mean"),
         grew=("grew", "sum")).reset_index()
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    g["_o"] = g.method.map(lambda m: order.get(m, len(order)))
+    g["_o"] = g.method.map(order)
     return g.sort_values(["task", "kind", "wbits", "_o"]).drop(columns="_o").reset_index(drop=True)[cols]
 
 

@@ -13,19 +13,12 @@ import numpy as np
 import pandas as pd
 
 from squat_cli.glue import PAPER_TASKS, TASKS
+from squat_cli.quant import methods
 from squat_cli.report.collect import SHARPNESS_KEYS
 from squat_cli.report.paper import paper_value
 
-METHOD_ORDER = ["fp", "ptq", "q8bert", "gobo", "qbert", "lsq", "joint", "squat", "fp-sam"]
-METHOD_LABEL = {"fp": "FP32", "ptq": "PTQ", "q8bert": "Q8BERT", "gobo": "GOBO", "qbert": "Q-BERT", "lsq": "LSQ",
-                "joint": "Joint", "squat": "SQuAT", "fp-sam": "FP-SAM"}
-
-
-def method_label(method: str, wbits: int) -> str:
-    """Display name of a table row's method (``qbert-mp3`` at W2: ``Q-BERT MP 2/3``)."""
-    if method.startswith("qbert-mp"):
-        return f"Q-BERT MP {wbits}/{method[len('qbert-mp'):]}"
-    return METHOD_LABEL.get(method, method)
+method_label = methods.label
+"""Display name of a table row's method (``qbert-mp3`` at W2: ``Q-BERT MP 2/3``)."""
 SHORT_MARK = "†"
 """Marks a sharpness cell holding scores whose ascent stopped inside the ball, followed by their count."""
 AUX_COLUMNS = [("mrpc", "f1", "MRPC F1"), ("stsb", "spearmanr", "STS-B Spearman"), ("qqp", "f1", "QQP F1"),
@@ -64,9 +57,7 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
 def _row_order(keys: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     def sort_key(k):
         method, wbits, abits = k
-        base = "qbert" if method.startswith("qbert-mp") else method
-        rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-        return (0 if method == "fp" else 1, wbits, rank, abits, method)
+        return (0 if method == "fp" else 1, wbits, methods.order(method), abits, method)
 
     return sorted(set(keys), key=sort_key)
 

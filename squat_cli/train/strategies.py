@@ -42,6 +42,7 @@ from torch import nn
 
 from squat_cli.errors import DivergenceError
 from squat_cli.quant.lsq import LsqQuantizer
+from squat_cli.quant.methods import get_method
 from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
 from squat_cli.train.rng_replay import RngReplay
 from squat_cli.train.sam import Perturbation
@@ -304,14 +305,17 @@ class SQuAT(JointSam):
         return loss
 
 
+STRATEGIES = {"plain": Plain, "joint": JointSam, "squat": SQuAT}
+"""The classes behind the method table's ``strategy`` names (``quant/methods.py``)."""
+
+
 def make_strategy(method: str, ctx: StepContext, step_size_grad: str = "fresh") -> Strategy:
-    if method in ("fp", "lsq", "q8bert", "qbert"):
-        return Plain(ctx)
-    if method in ("joint", "fp-sam"):
-        return JointSam(ctx)
-    if method == "squat":
+    kind = get_method(method).strategy
+    if kind not in STRATEGIES:
+        raise ValueError(f"no training strategy for method {method!r} (it makes no training step)")
+    if kind == "squat":
         return SQuAT(ctx, step_size_grad)
-    raise ValueError(f"no training strategy for method {method!r}")
+    return STRATEGIES[kind](ctx)
 
 
 def default_clip(params: list[torch.Tensor], max_norm: float) -> None:
