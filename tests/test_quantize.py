@@ -119,7 +119,7 @@ def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
         (["--abits", "1"], "quant.abits: 1 is outside 2..32"),
         (["--abits", "33"], "quant.abits: 33 is outside 2..32"),
         (["--rho", "-0.1"], "sam.rho: -0.1 must be >= 0"),
-        (["--method", "magic"], "quant.method: 'magic' is not valid; expected one of ptq, q8bert, gobo, qbert, lsq, joint, squat, fp-sam"),
+        (["--method", "magic"], "quant.method: 'magic' is not valid; expected one of ptq, q8bert, gobo, qbert, lsq, joint"),
         (["--seed", "5"], "no FP run at"),
         (["--from", "/no/such/run"], "no FP run at /no/such/run"),
     ],
