@@ -71,14 +71,14 @@ def finetune(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow code from the model repo to run."),
 ) -> None:
     """Fine-tune a full-precision model on a GLUE task into runs/<task>/fp/seed<k>/."""
-    from squat_cli import jobs
+    from squat_cli import training
     from squat_cli.progress import RichReporter
     from squat_cli.recipe import load_recipe
 
     overrides = {"data.task": task, "model.name_or_path": model, "data.data_dir": str(data_dir) if data_dir else None,
                  "train.seed": seed, "train.epochs": epochs, "model.trust_remote_code": trust_remote_code or None}
     rec = _run(load_recipe, recipe, overrides, set_)
-    res = _run(jobs.finetune, rec, out, force=force, reporter=RichReporter(err_console), resume=resume)
+    res = _run(training.finetune, rec, out, force=force, reporter=RichReporter(err_console), resume=resume)
     _summary("finetune", res.metrics, res.run.path, res.skipped)
 
 
@@ -100,7 +100,7 @@ def quantize(
     resume: bool = ResumeOpt,
 ) -> None:
     """Quantize an FP run (QAT with LSQ/SQuAT/baselines, or PTQ) into runs/<task>/<method>-w<W>a<A>/seed<k>/."""
-    from squat_cli import jobs
+    from squat_cli import training
     from squat_cli.progress import RichReporter
     from squat_cli.recipe import QUANTIZE_DEFAULTS, load_recipe
 
@@ -110,7 +110,7 @@ def quantize(
                  "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
                  "train.epochs": epochs}
     rec = _run(load_recipe, recipe, overrides, set_, base=QUANTIZE_DEFAULTS)
-    res = _run(jobs.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),
+    res = _run(training.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),
                resume=resume)
     _summary("quantize", res.metrics, res.run.path, res.skipped)
 
@@ -134,31 +134,13 @@ def sharpness(
     force: bool = typer.Option(False, "--force", help="Measure again runs that already have this score."),
 ) -> None:
     """Measure how flat each trained model is; scores go to sharpness.json in each run folder."""
-    import math
-
-    from squat_cli import measure
+    from squat_cli import sharpness_jobs
     from squat_cli.progress import RichReporter
-    from squat_cli.sharpness import SharpnessSettings
+    from squat_cli.sharpness_settings import SharpnessSettings
 
-    for name, value in (("--rho", rho), ("--lr", lr)):
-        if not math.isfinite(value):
-            _fail(f"{name}: {value} is not a finite number")
-    if rho <= 0:
-        _fail(f"--rho: {rho} must be > 0")
-    if method not in ("ascent", "keskar"):
-        _fail(f"--method: {method!r} is not one of ascent, keskar")
-    if split not in ("train", "dev"):
-        _fail(f"--split: {split!r} is not one of train, dev")
-    if step not in ("normalized", "raw"):
-        _fail(f"--step: {step!r} is not one of normalized, raw")
-    for name, value in (("--steps", steps), ("--examples", examples), ("--subspace", subspace)):
-        if value <= 0:
-            _fail(f"{name}: {value} must be > 0")
-    if lr <= 0:
-        _fail(f"--lr: {lr} must be > 0")
-    settings = SharpnessSettings(rho=rho, method=method, steps=steps, lr=lr, examples=examples, split=split,
-                                 seed=seed, subspace=subspace, step=step)
-    todo = _run(measure.sharpness_runs, out, run, settings, force)
+    settings = _run(SharpnessSettings(rho=rho, method=method, steps=steps, lr=lr, examples=examples, split=split,
+                                      seed=seed, subspace=subspace, step=step).validate, lambda key: f"--{key}")
+    todo = _run(sharpness_jobs.sharpness_runs, out, run, settings, force)
     if not todo:
         console.print(f"nothing to measure: every complete run under {out} has {settings.key()}")
         return
@@ -168,7 +150,7 @@ def sharpness(
     damaged = []
     for r in todo:
         try:
-            e = measure.measure_sharpness(r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
+            e = sharpness_jobs.measure_sharpness(r, settings, str(data_dir) if data_dir else None, RichReporter(err_console))
         except SquatError as exc:
             if run is not None:  # the one run asked for
                 _fail(str(exc))

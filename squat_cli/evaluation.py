@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from squat_cli.data import encode, load_split, resolve_data_dir, subset
+from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
 from squat_cli.glue import get_task
 from squat_cli.runs import RunDir, write_json
-from squat_cli.train.loop import evaluate
+from squat_cli.task_data import dev_sets
 
 EVAL_FILE = "eval_metrics.json"
 
@@ -52,16 +52,6 @@ def _autocast(precision: str) -> Callable:
     return contextlib.nullcontext
 
 
-def _dev_sets(task_name: str, data: dict[str, Any], tokenizer, data_dir: Optional[str]):
-    task = get_task(task_name)
-    source_dir = resolve_data_dir(data_dir or data.get("data_dir"), data.get("fallback", "none"), task)
-    dev = {}
-    for split in task.dev_splits:
-        ex = subset(load_split(task, split, source_dir, data.get("source", "auto")), data.get("eval_subset"), None)
-        dev[split] = encode(ex, tokenizer, int(data["max_seq_length"]), task.is_regression)
-    return task, dev
-
-
 def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path] = None,
                   precision: Optional[str] = None) -> Scored:
     """Load what ``path`` holds, score it on the dev sets, write the metrics (default ``<folder>/eval_metrics.json``).
@@ -72,7 +62,7 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
     path = Path(path)
     kind = detect(path)
     if kind == "run":
-        from squat_cli.jobs import load_run_model
+        from squat_cli.run_model import load_run_model
 
         run = RunDir(path)
         if run.is_failed():
@@ -98,7 +88,8 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
         folder = path if path.is_dir() else path.parent
     if precision is not None and kind != "onnx":
         settings = {**settings, "precision": precision}
-    task, dev = _dev_sets(settings["task"], settings["data"], tokenizer, data_dir)
+    task = get_task(settings["task"])
+    dev = dev_sets(task, settings["data"], tokenizer, data_dir)
     m = evaluate(model, task, dev, int(settings["eval_batch_size"]), tokenizer.pad_token_id, torch.device("cpu"),
                  _autocast(settings["precision"]))
     metrics = {"task": task.name, **{k: m[k] for k in task.metric_names()}, "main_metric": task.main_metric,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,7 @@ from squat_cli.errors import RecipeError
 from squat_cli.glue import get_task
 from squat_cli.quant.methods import METHODS, MIXED_RE, get_method, is_known
 from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, apply_overrides, merge_sections, recipe_from_dict
-from squat_cli.sharpness import SharpnessSettings
+from squat_cli.sharpness_settings import SharpnessSettings
 from squat_cli.typed import build
 from squat_cli.yaml_safe import read_yaml
 
@@ -135,16 +134,7 @@ def load_grid(path: Path | str) -> Grid:
     if "rho" in sharp_data:
         raise RecipeError("sharpness.rho: set the radii in sweep.sharpness_rhos")
     sharp = build(SharpnessSettings, {"rho": 1.0, **sharp_data}, "sharpness")
-    if sharp.method not in ("ascent", "keskar"):
-        raise RecipeError(f"sharpness.method: {sharp.method!r} is not one of ascent, keskar")
-    if sharp.step not in ("normalized", "raw"):
-        raise RecipeError(f"sharpness.step: {sharp.step!r} is not one of normalized, raw")
-    if sharp.split not in ("train", "dev"):
-        raise RecipeError(f"sharpness.split: {sharp.split!r} is not one of train, dev")
-    for key in ("steps", "examples", "batch_size", "subspace", "maxiter", "lr"):
-        value = getattr(sharp, key)
-        if not (value > 0 and math.isfinite(value)):
-            raise RecipeError(f"sharpness.{key}: {value} must be > 0")
+    sharp.validate()
     settings = data.get("settings") or {}
     if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
         raise RecipeError("settings: expected a mapping of names to {dotted.key: value} mappings")

@@ -39,7 +39,7 @@ scale; ``step="raw"`` is Algorithm 2 as printed. Every score stores
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -49,39 +49,6 @@ from torch import nn
 from squat_cli.quant.convert import select_linear
 from squat_cli.quant.qlinear import QuantLinear
 from squat_cli.recipe import QuantConfig
-
-
-@dataclass
-class SharpnessSettings:
-    rho: float
-    method: str = "ascent"
-    steps: int = 10
-    lr: float = 0.5
-    """normalized steps: step length as a fraction of rho; raw steps: the gradient's multiplier."""
-    step: str = "normalized"
-    """ascent only: ``normalized`` (fixed-length steps along the gradient) or ``raw`` (Algorithm 2)."""
-    examples: int = 256
-    split: str = "train"
-    seed: int = 0
-    batch_size: int = 64
-    subspace: int = 10
-    """keskar only: dimension p of the random subspace."""
-    maxiter: int = 10
-    """keskar only: L-BFGS-B iterations."""
-
-    def key(self) -> str:
-        return f"{self.method}/rho={self.rho:g}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-EDGE_TOLERANCE = 1e-3
-
-
-def reached_edge(delta_norm: float, rho: float) -> bool:
-    """Whether an ascent ended on the ball's edge (to a relative 1e-3)."""
-    return delta_norm >= (1.0 - EDGE_TOLERANCE) * rho
 
 
 @dataclass

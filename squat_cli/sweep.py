@@ -29,7 +29,7 @@ from squat_cli.grid import Grid, is_grid_recipe, load_grid  # noqa: F401  (the s
 from squat_cli.quant.methods import get_method
 from squat_cli.recipe import Recipe, recipe_from_dict
 from squat_cli.runs import RunDir, variant_name
-from squat_cli.sharpness import SharpnessSettings
+from squat_cli.sharpness_settings import SharpnessSettings
 from squat_cli.yaml_safe import read_yaml
 
 # ---------------------------------------------------------------- planning
@@ -176,8 +176,8 @@ def run_sweep(
     grid: Grid, root: Path, jobs: list[Job], data_dir: Optional[str] = None, retry_failed: bool = False,
     reporter_factory: Callable[[], Any] = lambda: None, log: Callable[[str], None] = lambda s: None,
 ) -> SweepOutcome:
-    from squat_cli import jobs as J
-    from squat_cli.measure import measure_sharpness
+    from squat_cli import training as J
+    from squat_cli.sharpness_jobs import measure_sharpness
 
     out = SweepOutcome()
     blocked: set[tuple] = set()  # runs that failed or are missing: their dependents wait

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from squat_cli.cli import app
 from squat_cli.export import load_packed
-from squat_cli.jobs import load_run_model, load_task_data
+from squat_cli.run_model import load_run_model
 from squat_cli.runs import RunDir
+from squat_cli.task_data import load_task_data
 
 runner = CliRunner()
 FAST = ["--set", "data.train_subset=48", "--set", "data.eval_subset=40", "--set", "train.batch_size=16",

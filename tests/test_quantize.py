@@ -8,9 +8,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from squat_cli.cli import app
-from squat_cli.jobs import load_run_model
+from squat_cli.dev_scores import evaluate
+from squat_cli.run_model import load_run_model
 from squat_cli.runs import RunDir
-from squat_cli.train.loop import evaluate
 
 runner = CliRunner()
 FAST = ["--set", "data.train_subset=48", "--set", "data.eval_subset=40", "--set", "train.batch_size=16",
@@ -51,7 +51,7 @@ def test_quantized_run_folder_and_reload(runs, glue_dir):
         assert not [k for k in f.keys() if ".wq." in k or ".aq." in k]
     # reload: same dev metrics, exactly
     model, tok, recipe, task = load_run_model(run)
-    from squat_cli.jobs import load_task_data
+    from squat_cli.task_data import load_task_data
 
     data = load_task_data(recipe, tok, need_train=False)
     again = evaluate(model, task, data.dev, 16, tok.pad_token_id, torch.device("cpu"))
@@ -90,7 +90,7 @@ def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
     model, tok, recipe, task = load_run_model(run)
     assert model is not None
     if method in ("gobo", "qbert"):  # reloaded from the run folder: the same dev metrics, exactly
-        from squat_cli.jobs import load_task_data
+        from squat_cli.task_data import load_task_data
 
         data = load_task_data(recipe, tok, need_train=False)
         again = evaluate(model, task, data.dev, 16, tok.pad_token_id, torch.device("cpu"))

@@ -7,8 +7,8 @@ From it, 30 steps of LSQ: W8A8 0.7775, W4A8 0.7638; W2A8 eval loss 0.635 -> 0.56
 
 import pytest
 
-from squat_cli.jobs import finetune, quantize
 from squat_cli.recipe import QUANTIZE_DEFAULTS, load_recipe
+from squat_cli.training import finetune, quantize
 
 pytestmark = pytest.mark.slow
 MAJORITY_SST2_DEV = 444 / 872

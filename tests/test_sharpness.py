@@ -134,7 +134,7 @@ def test_keskar_variant(converged):
 def test_normalized_steps_match_reference_and_reach_the_edge_where_raw_steps_stop_short():
     """Raw steps of lr 0.1 on a tiny gradient stay deep inside the ball, so rho 0.01 and 0.05 give the same
     score; steps of 0.5 rho along the gradient reach ||delta|| = rho, and the two radii differ."""
-    from squat_cli.sharpness import reached_edge
+    from squat_cli.sharpness_settings import reached_edge
 
     bs = batches(2, seed=4)
     fp = tiny_bert(3)

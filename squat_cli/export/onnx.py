@@ -181,7 +181,7 @@ def _fold_weight_quantizers(graph, weight_bits: dict[str, int]) -> int:
 def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional[str] = None) -> dict[str, Any]:
     """Write ``<to>/model.onnx`` (default ``<run>/export/onnx``) with tokenizer, config and manifest."""
     onnx, ort = _need_onnx()
-    from squat_cli.jobs import load_run_model
+    from squat_cli.run_model import load_run_model
 
     if weight_type not in (None, "int8", "int4"):
         raise RunError(f"--weight-type: {weight_type!r} is not one of int8, int4")

@@ -105,7 +105,7 @@ def run_facts(run: RunDir, recipe) -> dict[str, Any]:
 
 def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
     """Write the packed export of the run at ``run_path`` (default ``<run>/export/packed``); return the manifest."""
-    from squat_cli.jobs import load_run_model  # the run folder's model, exactly as evaluated
+    from squat_cli.run_model import load_run_model  # the run folder's model, exactly as evaluated
 
     run = RunDir(Path(run_path))
     check_exportable(run)

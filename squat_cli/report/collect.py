@@ -11,7 +11,7 @@ import pandas as pd
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
 from squat_cli.runs import discover, parse_variant, read_json
-from squat_cli.sharpness import reached_edge
+from squat_cli.sharpness_settings import reached_edge
 from squat_cli.yaml_safe import read_yaml
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}

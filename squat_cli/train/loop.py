@@ -6,7 +6,6 @@ strategy object (``strategies.py``) that turns a batch into updates.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -18,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from squat_cli.batching import eval_loader, train_loader
+from squat_cli.batching import train_loader
 from squat_cli.data import Encoded
+from squat_cli.dev_scores import evaluate, to_device
 from squat_cli.errors import SquatError
 from squat_cli.glue import GlueTask
-from squat_cli.metrics import task_metrics
 from squat_cli.progress import Reporter
 from squat_cli.quant.convert import step_summary
 from squat_cli.quant.qlinear import step_parameters, weight_parameters
@@ -103,43 +102,6 @@ def aux_autocast(train: TrainConfig, acc) -> Optional[Callable]:
         return None
     device_type = acc.device.type
     return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, task: GlueTask, dev: dict[str, Encoded], batch_size: int, pad_id: int,
-    device: torch.device, autocast: Callable = contextlib.nullcontext,
-) -> dict[str, float]:
-    """Main and auxiliary metrics on every dev split, plus the mean dev loss (``eval_loss``)."""
-    was_training = model.training
-    model.eval()
-    by_split = {}
-    losses, counts = 0.0, 0
-    try:
-        for split, enc in dev.items():
-            loader, order = eval_loader(enc, batch_size, pad_id)
-            outs = []
-            for batch in loader:
-                batch = _to(batch, device)
-                with autocast():
-                    out = model(**batch)
-                losses += float(out.loss.float()) * len(batch["labels"])
-                counts += len(batch["labels"])
-                logits = out.logits.float()
-                outs.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
-            pred_sorted = torch.cat(outs).cpu().numpy()
-            preds = np.empty_like(pred_sorted)
-            preds[order.numpy()] = pred_sorted
-            by_split[split] = (preds, enc.labels.numpy())
-    finally:
-        model.train(was_training)
-    metrics = task_metrics(task, by_split)
-    metrics["eval_loss"] = losses / max(counts, 1)
-    return metrics
 
 
 @dataclass
@@ -271,7 +233,7 @@ def fit(
             for batch in loader:
                 if st["step"] >= total:
                     break
-                batch = _to(batch, device)
+                batch = to_device(batch, device)
                 loss = strategy.step(batch)
                 w_sched.step()
                 if s_sched is not None:
@@ -319,4 +281,4 @@ def fit(
     )
 
 
-__all__ = ["fit", "evaluate", "make_accelerator", "build_optimizers", "FitResult", "total_steps"]
+__all__ = ["fit", "make_accelerator", "build_optimizers", "FitResult", "total_steps"]

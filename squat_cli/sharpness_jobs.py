@@ -9,11 +9,11 @@ from typing import Optional
 import torch
 
 from squat_cli.batching import eval_loader
-from squat_cli.data import encode, load_split, resolve_data_dir, subset
 from squat_cli.errors import RunError
-from squat_cli.jobs import load_run_model
 from squat_cli.progress import Reporter
+from squat_cli.run_model import load_run_model
 from squat_cli.runs import RunDir, discover, write_json
+from squat_cli.task_data import encoded_splits
 
 
 def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: bool) -> list[RunDir]:
@@ -39,15 +39,13 @@ def sharpness_runs(runs_root: Path, run_path: Optional[Path], settings, force: b
 
 def measure_sharpness(run: RunDir, settings, data_dir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
     """Score one run and store it in its ``sharpness.json`` under ``settings.key()``."""
-    from squat_cli.sharpness import ascent_sharpness, keskar_sharpness, reached_edge
+    from squat_cli.sharpness import ascent_sharpness, keskar_sharpness
+    from squat_cli.sharpness_settings import reached_edge
 
     started = time.perf_counter()
     model, tokenizer, recipe, task = load_run_model(run)
-    d = recipe.data
-    source_dir = resolve_data_dir(data_dir or d.data_dir, d.fallback, task)
     split = settings.split if settings.split == "train" else task.dev_splits[0]
-    ex = subset(load_split(task, split, source_dir, d.source), settings.examples, settings.seed)
-    enc = encode(ex, tokenizer, d.max_seq_length, task.is_regression)
+    enc = encoded_splits(task, recipe.data, tokenizer, {split: (settings.examples, settings.seed)}, data_dir)[split]
     loader, _ = eval_loader(enc, settings.batch_size, tokenizer.pad_token_id)
     batches = list(loader)
     torch.manual_seed(settings.seed)

@@ -12,34 +12,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from squat_cli.allocator import tune_allocator
 from squat_cli.batching import train_loader
-from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
+from squat_cli.dev_scores import evaluate
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
 from squat_cli.models import load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
-from squat_cli.quant.convert import calibrate, load_quantizer, quantize_model, save_quantizer, step_summary
+from squat_cli.quant.convert import calibrate, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.gobo import gobo_outlier_shares
 from squat_cli.quant.methods import get_method
 from squat_cli.quant.mixed_precision import assign_mixed_bits
 from squat_cli.quant.qlinear import is_quantizer_key
-from squat_cli.recipe import Recipe, recipe_from_dict
+from squat_cli.recipe import Recipe
 from squat_cli.runs import (
     RunDir,
     atomic_dir,
     ensure_writable,
     environment,
-    parse_variant,
     variant_name,
     write_json,
     write_text,
 )
+from squat_cli.task_data import TaskData, load_task_data
 from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint
-from squat_cli.train.loop import FitResult, evaluate, fit, make_accelerator, seed_everything
-from squat_cli.yaml_safe import read_yaml
+from squat_cli.train.loop import FitResult, fit, make_accelerator, seed_everything
 
 
 @dataclass
@@ -47,25 +44,6 @@ class JobResult:
     run: RunDir
     metrics: dict
     skipped: bool = False
-
-
-@dataclass
-class TaskData:
-    task: GlueTask
-    train: Encoded
-    dev: dict[str, Encoded]
-
-
-def load_task_data(recipe: Recipe, tokenizer, need_train: bool = True) -> TaskData:
-    """Read, subset and tokenise the task's train and dev splits (errors before any run folder exists)."""
-    task = get_task(recipe.data.task)
-    d = recipe.data
-    data_dir = resolve_data_dir(d.data_dir, d.fallback, task)
-    dev_raw = {s: subset(load_split(task, s, data_dir, d.source), d.eval_subset, None) for s in task.dev_splits}
-    train_raw = subset(load_split(task, "train", data_dir, d.source), d.train_subset, recipe.train.seed) if need_train else None
-    enc = lambda ex: encode(ex, tokenizer, d.max_seq_length, task.is_regression)  # noqa: E731
-    train = enc(train_raw) if train_raw is not None else None
-    return TaskData(task, train, {s: enc(ex) for s, ex in dev_raw.items()})
 
 
 def _prepare_run(run: RunDir, recipe: Recipe, force: bool, resume: bool) -> tuple[Optional[JobResult], bool]:
@@ -278,27 +256,3 @@ def quantize(
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, q.method, resuming, reporter, extra,
                               {"from": str(src.path), "quantized_modules": names}, names, started=started)
     return JobResult(run, metrics)
-
-
-def load_run_model(run: RunDir, device: str | torch.device = "cpu"):
-    """Rebuild a finished run's model (quantized runs: converted, step sizes loaded) and tokenizer."""
-    if not run.is_complete():
-        raise RunError(f"{run.path} is not a complete run (no metrics.json)")
-    if not (run.model_dir / "config.json").is_file():
-        raise RunError(f"{run.path} has no saved model (model/)")
-    if not run.recipe_file.is_file():
-        raise RunError(f"{run.recipe_file}: missing")
-    raw = read_yaml(run.recipe_file)
-    recipe = recipe_from_dict(raw)
-    task = get_task(recipe.data.task)
-    tokenizer = load_tokenizer(str(run.model_dir))
-    model = load_model(str(run.model_dir), task)
-    method, _, _ = parse_variant(run.variant)
-    if get_method(method).quantizes:
-        if recipe.quant is None:
-            raise RunError(f"{run.recipe_file}: a quantized run's recipe needs its quant section")
-        quantize_model(model, recipe.quant, init_steps=False)
-        load_quantizer(model, run.quantizer_file)
-    model.to(device)
-    model.eval()
-    return model, tokenizer, recipe, task
