@@ -98,18 +98,20 @@ def quantize(
     set_: Optional[list[str]] = SetOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
+    distill: bool = typer.Option(False, "--distill", help="Distil from the FP run (the recommended setting of "
+                                 "docs/distillation.md; the recipe's distill section or --set distill.* refine it)."),
 ) -> None:
     """Quantize an FP run (QAT with LSQ/SQuAT/baselines, or PTQ) into runs/<task>/<method>-w<W>a<A>/seed<k>/."""
     from squat_cli import training
     from squat_cli.progress import RichReporter
-    from squat_cli.recipe import QUANTIZE_DEFAULTS, load_recipe
+    from squat_cli.recipe import DISTILL_DEFAULTS, QUANTIZE_DEFAULTS, load_recipe
 
     if abits is None and method in methods.METHODS and methods.get_method(method).weight_only:
         abits = 32  # a weight-only method (GOBO) keeps activations in FP32
     overrides = {"data.task": task, "quant.method": method, "quant.wbits": wbits, "quant.abits": abits,
                  "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
                  "train.epochs": epochs}
-    rec = _run(load_recipe, recipe, overrides, set_, base=QUANTIZE_DEFAULTS)
+    rec = _run(load_recipe, recipe, overrides, set_, base={**QUANTIZE_DEFAULTS, **(DISTILL_DEFAULTS if distill else {})})
     res = _run(training.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),
                resume=resume)
     _summary("quantize", res.metrics, res.run.path, res.skipped)

@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 from squat_cli.errors import RecipeError
 from squat_cli.glue import get_task
-from squat_cli.quant.methods import METHODS, MIXED_RE, get_method, is_known
-from squat_cli.recipe import QUANTIZE_DEFAULTS, Recipe, apply_overrides, merge_sections, recipe_from_dict
+from squat_cli.quant.methods import METHODS, MIXED_RE, get_method, is_known, split_kd
+from squat_cli.recipe import DISTILL_DEFAULTS, QUANTIZE_DEFAULTS, Recipe, apply_overrides, merge_sections, recipe_from_dict
 from squat_cli.sharpness_settings import SharpnessSettings
 from squat_cli.typed import build
 from squat_cli.yaml_safe import read_yaml
@@ -61,7 +61,10 @@ class Grid:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named variants of the quantize section (dotted keys), each run into ``<out>/<name>/``."""
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per method, overrides of the quantize section (dotted keys): settings searched for one method only."""
+    """Per method, overrides of the quantize section (dotted keys): settings searched for one method only.
+    A distilled method (``squat+kd``) takes its base method's settings, then its own."""
+    distill: Optional[dict[str, Any]] = None
+    """The ``distill`` section of every distilled method's runs (``lsq+kd``); None: ``DISTILL_DEFAULTS``."""
 
     def setting_names(self) -> list[str]:
         return list(self.settings) or [""]
@@ -89,15 +92,25 @@ class Grid:
 
     def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None,
                      setting: str = "") -> Recipe:
+        """The recipe of one quantized run; ``method`` is a grid method name (``squat``, ``lsq+kd``, ``qbert-mp3``).
+        Only distilled methods have a ``distill`` section: settings' ``distill.*`` keys act on them alone."""
+        base, kd = split_kd(method)
         d = apply_overrides({}, dict(QUANTIZE_DEFAULTS))
         merge_sections(d, copy.deepcopy(self.quantize))
-        if method in self.method_settings:
-            apply_overrides(d, dict(self.method_settings[method]))
+        d.pop("distill", None)
+        if kd:
+            d["distill"] = copy.deepcopy(self.distill) if self.distill is not None else \
+                apply_overrides({}, dict(DISTILL_DEFAULTS))["distill"]
+        for name in dict.fromkeys((base, method)):
+            if name in self.method_settings:
+                apply_overrides(d, dict(self.method_settings[name]))
         if setting:
             apply_overrides(d, dict(self.settings[setting]))
-        over = {"data.task": task, "train.seed": seed, "quant.method": method, "quant.wbits": wbits,
+        if not kd:
+            d.pop("distill", None)
+        over = {"data.task": task, "train.seed": seed, "quant.method": base, "quant.wbits": wbits,
                 "quant.abits": 32 if get_method(method).weight_only else self.sweep.abits}
-        mixed = MIXED_RE.match(method)
+        mixed = MIXED_RE.match(base)
         if mixed:  # qbert-mp<H>: Q-BERT with mixed precision W/H
             over.update({"quant.method": "qbert", "quant.mixed": f"{wbits}/{mixed.group(1)}"})
         if data_dir:
@@ -123,7 +136,7 @@ def is_grid_recipe(path: Path | str) -> bool:
 
 def load_grid(path: Path | str) -> Grid:
     data = read_yaml(path)
-    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings", "method_settings")
+    allowed = ("sweep", "finetune", "quantize", "sharpness", "settings", "method_settings", "distill")
     for key in data:
         if key not in allowed:
             raise RecipeError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
@@ -144,10 +157,14 @@ def load_grid(path: Path | str) -> Grid:
     method_settings = data.get("method_settings") or {}
     if not isinstance(method_settings, dict) or not all(isinstance(v, dict) for v in method_settings.values()):
         raise RecipeError("method_settings: expected a mapping of methods to {dotted.key: value} mappings")
+    distill = data.get("distill")
+    if distill is not None and not isinstance(distill, dict):
+        raise RecipeError("distill: expected a mapping of distillation settings (logits, hidden, attention, ...)")
     for m in method_settings:
-        if m not in sweep.methods:
+        if m not in sweep.methods and m not in {split_kd(x)[0] for x in sweep.methods}:
             raise RecipeError(f"method_settings: {m!r} is not one of the grid's methods ({', '.join(sweep.methods)})")
-    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings, method_settings)
+    grid = Grid(sweep, data.get("finetune") or {}, data.get("quantize") or {}, sharp, settings, method_settings,
+                distill)
     for t in sweep.tasks:
         get_task(t)
     for m in [*sweep.methods, *(sweep.sharpness_methods or []), *sweep.method_wbits]:

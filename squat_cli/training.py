@@ -36,6 +36,7 @@ from squat_cli.runs import (
 )
 from squat_cli.task_data import TaskData, load_task_data
 from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint
+from squat_cli.train.distill import check_teacher, use_score_attention
 from squat_cli.train.loop import FitResult, fit, make_accelerator, seed_everything
 
 
@@ -125,7 +126,7 @@ def _cleanup_on_error(run: RunDir, exc: BaseException) -> None:
 def _train_and_save(
     run: RunDir, recipe: Recipe, acc, model, tokenizer, data: TaskData, method: str, resuming: bool,
     reporter: Optional[Reporter], extra: dict, env_extra: dict, names: Optional[list[str]] = None,
-    started: Optional[float] = None,
+    started: Optional[float] = None, teacher=None,
 ) -> dict:
     """Create the run folder, train (or, for PTQ, only evaluate), save model and quantizer, write metrics.
 
@@ -151,7 +152,7 @@ def _train_and_save(
         else:
             result = fit(model, task, data.train, data.dev, recipe, method, tokenizer.pad_token_id, reporter,
                          on_eval=run.append_history, accelerator=acc, checkpoint_dir=run.checkpoint_dir,
-                         resume=resuming, on_resume=run.write_history)
+                         resume=resuming, on_resume=run.write_history, teacher=teacher)
         model = acc.unwrap_model(model)
         extra = dict(extra)
         extra.update({f"{k}_init": v for k, v in steps_before.items()})
@@ -180,6 +181,8 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
     """Full-precision fine-tuning: ``runs/<task>/fp/seed<k>/``."""
     started = time.perf_counter()
     recipe.quant = None  # nothing is quantized here; recipe.yaml records exactly what ran
+    if recipe.distill is not None:
+        raise RecipeError("distill: fine-tuning has no teacher; distillation is a squat quantize option")
     task = get_task(recipe.data.task)
     run = RunDir.for_run(runs_root, task.name, "fp", recipe.train.seed)
     ensure_writable(runs_root)
@@ -222,7 +225,7 @@ def quantize(
     if q is None:
         raise SquatError("the recipe has no quant section")
     task = get_task(recipe.data.task)
-    variant = variant_name(*q.variant_parts())
+    variant = variant_name(*recipe.variant_parts())
     run = RunDir.for_run(runs_root, task.name, variant, recipe.train.seed)
     src = source_run(runs_root, task, recipe.train.seed, from_path)
     ensure_writable(runs_root)
@@ -233,9 +236,17 @@ def quantize(
     tokenizer = load_tokenizer(str(src.model_dir))
     data = load_task_data(recipe, tokenizer)
     acc = make_accelerator(recipe.train.precision, report_to=recipe.train.report_to, log_dir=run.path / "tensorboard")
+    teacher, teacher_dir = (load_teacher(recipe.distill, src, task) if recipe.distill is not None else (None, None))
     seed_everything(recipe.train.seed)
     model = load_model(str(src.model_dir), task)
     bits, method_info = None, {}
+    if teacher is not None:
+        check_teacher(teacher, model, str(teacher_dir))
+        if recipe.distill.attention > 0:  # the attention term needs the pre-softmax scores
+            use_score_attention(model)
+            use_score_attention(teacher)
+        teacher.to(acc.device)
+        method_info["distill"] = {"teacher": str(teacher_dir), "terms": list(recipe.distill.uses())}
     if q.mixed_bits():  # Q-BERT: the FP model's Hessian decides which layers get the higher bit width
         bits, method_info = assign_mixed_bits(model, q, data.train, recipe.train.seed, tokenizer.pad_token_id)
     names = quantize_model(model, q, bits=bits)
@@ -254,5 +265,14 @@ def quantize(
              "model": recipe.model.name_or_path, "from": str(src.path), "fp_metrics": src.metrics(),
              "quantized_modules": len(names), **method_info}
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, q.method, resuming, reporter, extra,
-                              {"from": str(src.path), "quantized_modules": names}, names, started=started)
+                              {"from": str(src.path), "quantized_modules": names}, names, started=started,
+                              teacher=teacher)
     return JobResult(run, metrics)
+
+
+def load_teacher(cfg, src: RunDir, task: GlueTask):
+    """The distillation teacher: ``distill.teacher``'s model folder, else the FP run's model. One-line errors."""
+    folder = Path(cfg.teacher).expanduser() if cfg.teacher else src.model_dir
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"distill.teacher: {folder} holds no model (no config.json)")
+    return load_model(str(folder), task), folder

@@ -90,8 +90,9 @@ def fp_root(tmp_path_factory, glue_dir, tiny_bert):
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "quant.step_size_grad=reuse"],
-                                   ["--set", "sam.every=2", "--set", "sam.probability=0.7"]],
-                         ids=["fresh", "reuse", "every2-rst"])
+                                   ["--set", "sam.every=2", "--set", "sam.probability=0.7"],
+                                   ["--distill", "--set", "distill.attention=1"]],
+                         ids=["fresh", "reuse", "every2-rst", "distill"])
 def test_squat_killed_resumes_exactly(tmp_path, glue_dir, fp_root, extra):
     import shutil
 
@@ -104,8 +105,10 @@ def test_squat_killed_resumes_exactly(tmp_path, glue_dir, fp_root, extra):
     _killed([*base, "--out", str(tmp_path / "b")], kill_after=5, cls="SQuAT")  # mid-epoch 1, after step 3's checkpoint
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--resume"])
     assert res.exit_code == 0, res.output
-    a, b = (tmp_path / n / "rte" / "squat-w2a8" / "seed42" for n in "ab")
+    variant = "squat+kd-w2a8" if "--distill" in extra else "squat-w2a8"
+    a, b = (tmp_path / n / "rte" / variant / "seed42" for n in "ab")
     assert _metrics(a) == _metrics(b)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()  # the loss terms too
     _same_tensors(a / "model" / "model.safetensors", b / "model" / "model.safetensors")
     _same_tensors(a / "quantizer.safetensors", b / "quantizer.safetensors")
 

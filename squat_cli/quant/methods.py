@@ -196,10 +196,21 @@ METHODS: tuple[str, ...] = tuple(m.name for m in _TABLE if m.selectable)
 """The values of ``quant.method``."""
 MIXED_RE = re.compile(r"^qbert-mp([2-8])$")
 """Grid method names for Q-BERT's mixed precision: ``qbert-mp3`` is W/3 for each W of its bit widths."""
+KD_SUFFIX = "+kd"
+"""Marks a distilled run's method (``lsq+kd``): in a grid's methods, its run folders and the report's rows."""
+
+
+def split_kd(name: str) -> tuple[str, bool]:
+    """``lsq+kd`` -> (``lsq``, True); ``lsq`` -> (``lsq``, False)."""
+    if name.endswith(KD_SUFFIX):
+        return name[: -len(KD_SUFFIX)], True
+    return name, False
 
 
 def get_method(name: str) -> Method:
-    """The record of ``name`` (a grid's ``qbert-mp<H>`` is Q-BERT's); ValueError for an unknown name."""
+    """The record of ``name`` (a grid's ``qbert-mp<H>`` is Q-BERT's, ``lsq+kd`` LSQ's); ValueError for an unknown
+    name."""
+    name = split_kd(name)[0]
     if MIXED_RE.match(name):
         name = "qbert"
     try:
@@ -209,7 +220,10 @@ def get_method(name: str) -> Method:
 
 
 def is_known(name: str) -> bool:
-    return name in METHODS_BY_NAME or bool(MIXED_RE.match(name))
+    base, kd = split_kd(name)
+    known = base in METHODS_BY_NAME or bool(MIXED_RE.match(base))
+    return known and not (kd and (not METHODS_BY_NAME.get(base, METHODS_BY_NAME["qbert"]).selectable
+                                  or get_method(base).post_training))
 
 
 def names_where(**facts: bool) -> tuple[str, ...]:
@@ -219,16 +233,20 @@ def names_where(**facts: bool) -> tuple[str, ...]:
 
 def label(name: str, wbits: int) -> str:
     """Display name of a table row's method (``qbert-mp3`` at W2: ``Q-BERT MP 2/3``)."""
-    mixed = MIXED_RE.match(name)
+    base, kd = split_kd(name)
+    mixed = MIXED_RE.match(base)
     if mixed:
-        return f"Q-BERT MP {wbits}/{mixed.group(1)}"
-    return METHODS_BY_NAME[name].label if name in METHODS_BY_NAME else name
+        text = f"Q-BERT MP {wbits}/{mixed.group(1)}"
+    else:
+        text = METHODS_BY_NAME[base].label if base in METHODS_BY_NAME else base
+    return f"{text}+KD" if kd else text
 
 
-def order(name: str) -> int:
-    """Rank of a method among the report's rows (unknown names last)."""
-    base = "qbert" if MIXED_RE.match(name) else name
-    return METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+def order(name: str) -> float:
+    """Rank of a method among the report's rows (a distilled method right after its own; unknown names last)."""
+    base, kd = split_kd(name)
+    base = "qbert" if MIXED_RE.match(base) else base
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)) + (0.5 if kd else 0.0)
 
 
 def help_text() -> str:

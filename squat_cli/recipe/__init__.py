@@ -7,13 +7,21 @@ allowed. ``schema`` holds the sections, ``layers`` how a recipe is put
 together from defaults, a file and overrides.
 """
 
-from squat_cli.recipe.layers import QUANTIZE_DEFAULTS, apply_overrides, load_recipe, merge_sections, parse_override
+from squat_cli.recipe.layers import (
+    DISTILL_DEFAULTS,
+    QUANTIZE_DEFAULTS,
+    apply_overrides,
+    load_recipe,
+    merge_sections,
+    parse_override,
+)
 from squat_cli.recipe.schema import (
     MAX_SEED,
     METHODS,
     POST_TRAINING_METHODS,
     WEIGHT_ONLY_METHODS,
     DataConfig,
+    DistillConfig,
     ModelConfig,
     QuantConfig,
     Recipe,
@@ -22,6 +30,6 @@ from squat_cli.recipe.schema import (
     recipe_from_dict,
 )
 
-__all__ = ["QUANTIZE_DEFAULTS", "apply_overrides", "load_recipe", "merge_sections", "parse_override", "MAX_SEED", "METHODS",
-           "POST_TRAINING_METHODS", "WEIGHT_ONLY_METHODS", "DataConfig", "ModelConfig", "QuantConfig", "Recipe",
-           "SamConfig", "TrainConfig", "recipe_from_dict"]
+__all__ = ["DISTILL_DEFAULTS", "QUANTIZE_DEFAULTS", "apply_overrides", "load_recipe", "merge_sections", "parse_override",
+           "MAX_SEED", "METHODS", "POST_TRAINING_METHODS", "WEIGHT_ONLY_METHODS", "DataConfig", "DistillConfig",
+           "ModelConfig", "QuantConfig", "Recipe", "SamConfig", "TrainConfig", "recipe_from_dict"]

@@ -74,6 +74,17 @@ QUANTIZE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The distillation setting ``--distill`` switches on, and a grid's distilled methods (``lsq+kd``) take when the
+# grid has no ``distill`` section: the setting docs/distillation.md's search chose (see its Results).
+DISTILL_DEFAULTS: dict[str, Any] = {
+    "distill.logits": 1.0,
+    "distill.hidden": 1.0,
+    "distill.attention": 0.0,
+    "distill.labels": 1.0,
+    "distill.temperature": 1.0,
+}
+
+
 def load_recipe(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,

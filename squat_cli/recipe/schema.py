@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from squat_cli.errors import RecipeError
-from squat_cli.quant.methods import METHODS, get_method, names_where
+from squat_cli.quant.methods import KD_SUFFIX, METHODS, get_method, names_where
 from squat_cli.typed import build
 
 MAX_SEED = 2**32 - 1
@@ -190,18 +190,53 @@ class SamConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from an FP teacher (off unless the section is present).
+
+    The training loss of every pass (SAM's ascent, the weight step, SQuAT's step-size pass) is
+    ``labels * task loss + logits * L_logits + hidden * L_hidden + attention * L_attention``."""
+
+    logits: float = 1.0
+    """Weight of the logits term: soft cross-entropy at ``temperature`` (times T^2) for classification,
+    MSE between the scores for regression (STS-B)."""
+    hidden: float = 0.0
+    """Weight of the hidden-state term: the sum over layers (the embeddings' output included) of the MSE
+    between student and teacher hidden states."""
+    attention: float = 0.0
+    """Weight of the attention term: the sum over layers of the MSE between attention scores before the
+    softmax, masked positions set to 0 (TernaryBERT's). Runs attention through squat's eager kernel."""
+    labels: float = 1.0
+    """Weight of the usual task loss against the gold labels (TernaryBERT: 0)."""
+    temperature: float = 1.0
+    teacher: Optional[str] = None
+    """Folder of the teacher model; None: the FP run the quantized run starts from."""
+
+    def uses(self) -> tuple[str, ...]:
+        """The terms with a non-zero weight."""
+        return tuple(k for k in ("labels", "logits", "hidden", "attention") if getattr(self, k) > 0)
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: Optional[QuantConfig] = None
     sam: SamConfig = field(default_factory=SamConfig)
+    distill: Optional[DistillConfig] = None
+    """Distillation from the FP model (quantized runs only); absent: no teacher, today's loss."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["quant"] is None:
-            del d["quant"]
+        for section in ("quant", "distill"):  # absent sections stay absent in recipe.yaml
+            if d[section] is None:
+                del d[section]
         return d
+
+    def variant_parts(self) -> tuple[str, int, int]:
+        """(method label, W, A) of a quantized run's folder: ``+kd`` marks a distilled run (``lsq+kd-w2a8``)."""
+        label, wbits, abits = self.quant.variant_parts()
+        return (f"{label}{KD_SUFFIX}" if self.distill is not None else label), wbits, abits
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -274,6 +309,15 @@ class Recipe:
                 raise RecipeError(f"quant.mixed_share: {q.mixed_share} must be in (0, 1)")
             for key in ("hessian_subsets", "hessian_examples", "hessian_iters"):
                 _positive(f"quant.{key}", getattr(q, key), allow_zero=False)
+        k = self.distill
+        if k is not None:
+            for key in ("logits", "hidden", "attention", "labels"):
+                _positive(f"distill.{key}", getattr(k, key))
+            _positive("distill.temperature", k.temperature, allow_zero=False)
+            if not k.uses():
+                raise RecipeError("distill: every weight is 0; give at least one term a weight")
+            if q is not None and get_method(q.method).post_training:
+                raise RecipeError(f"distill: {q.method} makes no training step; distillation needs a QAT method")
         return self
 
 

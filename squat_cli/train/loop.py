@@ -27,6 +27,7 @@ from squat_cli.quant.convert import step_summary
 from squat_cli.quant.qlinear import step_parameters, weight_parameters
 from squat_cli.recipe import QuantConfig, Recipe, TrainConfig
 from squat_cli.train.checkpoint import load_checkpoint, save_checkpoint
+from squat_cli.train.distill import Distiller
 from squat_cli.train.fast_dropout import use_fast_dropout
 from squat_cli.train.sam_schedule import SamSchedule
 from squat_cli.train.strategies import StepContext, default_clip, make_strategy
@@ -63,6 +64,14 @@ def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
     set_seed(seed)
+
+
+def _distiller(recipe: Recipe, teacher: Optional[nn.Module], task: GlueTask, acc) -> Optional[Distiller]:
+    if recipe.distill is None:
+        return None
+    if teacher is None:
+        raise SquatError("distill: this run distils, but no teacher model was given")
+    return Distiller(teacher, recipe.distill, task.is_regression, acc.autocast)
 
 
 def build_optimizers(
@@ -144,11 +153,14 @@ def fit(
     checkpoint_dir: Optional[Path] = None,
     resume: bool = False,
     on_resume: Optional[Callable[[list[dict[str, Any]]], None]] = None,
+    teacher: Optional[nn.Module] = None,
 ) -> FitResult:
     """Train ``model`` with ``method`` and evaluate on ``dev``; returns the final metrics and history.
 
     With ``checkpoint_dir``, a resumable checkpoint is written every ``train.save_every`` steps and
-    at each epoch end; ``resume`` continues from it (``on_resume`` gets the restored history).
+    at each epoch end; ``resume`` continues from it (``on_resume`` gets the restored history). ``teacher``:
+    the FP model a distilled run (``recipe.distill``) learns from; every evaluation then records the mean of
+    each loss term over the steps since the last one (``train_kd_<term>``).
     """
     reporter = reporter or Reporter()
     t = recipe.train
@@ -171,6 +183,7 @@ def fit(
         sync_perturbation=recipe.sam.sync_perturbation, aux_autocast=aux_autocast(t, acc),
         weight_ste=recipe.sam.weight_ste, dropout_replay=recipe.sam.dropout_replay,
         schedule=SamSchedule(recipe.sam.every, recipe.sam.probability, recipe.sam.ascent_fraction, t.seed),
+        distiller=_distiller(recipe, teacher, task, acc),
     )
     qcfg = recipe.quant
     strategy = make_strategy(method, ctx, qcfg.step_size_grad if qcfg else "fresh")
@@ -178,7 +191,7 @@ def fit(
     optimizers = {"w": w_opt, "s": s_opt}
     schedulers = {"w": w_sched, "s": s_sched}
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "recent": [], "history": [],
-                          "elapsed": 0.0, "strategy_steps": 0}
+                          "elapsed": 0.0, "strategy_steps": 0, "kd_terms": {}}
     if resume and checkpoint_dir is not None and (checkpoint_dir / "manifest.json").is_file():
         st, strategy_state = load_checkpoint(checkpoint_dir, core, optimizers, schedulers)
         strategy.step_count = st["strategy_steps"]
@@ -204,6 +217,9 @@ def fit(
         rec = {"step": st["step"], "epoch": round(at_epoch, 4), **m,
                "train_loss": float(np.mean(recent)) if recent else None}
         rec.update(step_summary(core))
+        for term, values in st.get("kd_terms", {}).items():  # distillation: each term's mean since the last one
+            rec[f"train_kd_{term}"] = float(np.mean(values)) if values else None
+        st["kd_terms"] = {}
         tracking.log({f"eval/{k}": v for k, v in m.items()}, st["step"])
         st["history"].append(rec)
         last_metrics = m
@@ -244,6 +260,8 @@ def fit(
                 st["batch"] += 1
                 st["seen"] += len(batch["labels"]) * acc.num_processes
                 st["recent"].append(loss)
+                for term, value in strategy.last_terms.items():
+                    st["kd_terms"].setdefault(term, []).append(value)
                 step = st["step"]
                 if step % t.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - start

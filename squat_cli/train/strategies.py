@@ -44,6 +44,7 @@ from squat_cli.errors import DivergenceError
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.methods import get_method
 from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
+from squat_cli.train.distill import Distiller
 from squat_cli.train.rng_replay import RngReplay
 from squat_cli.train.sam import Perturbation
 from squat_cli.train.sam_schedule import ASCENT, PLAIN, REUSE, SamSchedule
@@ -78,6 +79,8 @@ class StepContext:
     """Every pass of a step draws the dropout masks of its first pass."""
     schedule: SamSchedule = SamSchedule()
     """When SAM-type steps take their ascent, and on what part of the batch (``sam.every`` etc.)."""
+    distiller: Optional[Distiller] = None
+    """Distillation from the FP teacher: every pass's loss is the distillation loss (None: the task loss)."""
 
 
 class Strategy:
@@ -95,17 +98,30 @@ class Strategy:
         device = next(ctx.core.parameters()).device
         self.rng = RngReplay(ctx.dropout_replay, device)
         self.wquantizers = [m.wq for _, m in quant_layers(ctx.core) if isinstance(m.wq, LsqQuantizer)]
+        self.last_terms: dict[str, float] = {}
+        """With distillation: each loss term of the last weight-update pass (for the run's history)."""
 
     # helpers -------------------------------------------------------------
     def loss(self, batch: dict, aux: bool = False) -> torch.Tensor:
         """The model's loss on ``batch``; ``aux``: a pass that makes no weight update (its own precision)."""
         autocast = self.ctx.aux_autocast if aux and self.ctx.aux_autocast is not None else self.ctx.autocast
+        kd = self.ctx.distiller
         with autocast():
-            out = self.ctx.model(**batch)
-        loss = out.loss
+            out = self.ctx.model(**batch) if kd is None else self.ctx.model(**batch, **kd.student_kwargs())
+        if kd is None:
+            loss = out.loss
+        else:
+            loss, terms = kd.loss(out, len(batch["labels"]))
+            if not aux:
+                self.last_terms = terms
         if not torch.isfinite(loss.detach()):
             raise DivergenceError(f"non-finite loss ({float(loss.detach())}) at step {self.step_count + 1}")
         return loss
+
+    def prepare(self, batch: dict) -> None:
+        """Before a step's passes: the teacher's outputs for ``batch`` (once per batch)."""
+        if self.ctx.distiller is not None:
+            self.ctx.distiller.prepare(batch)
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.ctx.backward(loss)
@@ -162,6 +178,7 @@ class Strategy:
     # the step ------------------------------------------------------------
     def step(self, batch: dict) -> float:
         """One optimizer step on ``batch``; returns the loss of its first pass."""
+        self.prepare(batch)
         loss = self.loss(batch)
         self._backward(loss)
         self._step_w()
@@ -224,6 +241,7 @@ class JointSam(Strategy):
         return loss
 
     def step(self, batch: dict) -> float:
+        self.prepare(batch)
         mode, loss = self.begin_step(batch, self.ascent)
         try:
             with self.weight_step() if mode != PLAIN else contextlib.nullcontext():
@@ -248,6 +266,7 @@ class SQuAT(JointSam):
         self.fresh = step_size_grad == "fresh"
 
     def step(self, batch: dict) -> float:
+        self.prepare(batch)
         mode, loss = self.begin_step(batch, self.ascent if self.fresh else self._ascent_with_step_grad)
         # reuse on a step without an ascent (sam.every / probability): the weight pass carries the pending
         # step-size gradient, grad_s L at Q(w_t, s_t) (+ the reused eps), in place of the ascent pass
