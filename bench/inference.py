@@ -82,10 +82,10 @@ def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data
         if kind == "fp32-onnx":
             import onnxruntime as ort
 
-            from squat_cli.export.onnx import OrtModel, _options
+            from squat_cli.export.onnx import OrtModel, session_options
             from squat_cli.glue import get_task
 
-            opts = _options(ort)
+            opts = session_options(ort)
             opts.intra_op_num_threads = threads
             session = ort.InferenceSession(str(Path(path) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
             inputs = [i.name for i in session.get_inputs()]

@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from squat_cli.cli_base import DataOpt, _fail, _run, app, console
-
-FORMATS = ("packed", "onnx")
+from squat_cli.export.formats import FORMATS, get_format
 
 
 def _kb(n: int) -> str:
@@ -37,30 +36,23 @@ def print_size_report(manifest: dict) -> None:
 @app.command(epilog="Example: squat export runs/stsb/squat-w2a8/seed1 --format packed")
 def export(
     run: Path = typer.Argument(..., metavar="RUN", help="A finished quantized run folder."),
-    format_: str = typer.Option("packed", "--format", "-f", help="packed (safetensors of packed integer codes + "
-                                "manifest) or onnx (QDQ graph for onnxruntime)."),
+    format_: str = typer.Option("packed", "--format", "-f", help="; ".join(f"{f.name}: {f.help}"
+                                                                          for f in FORMATS.values()) + "."),
     to: Optional[Path] = typer.Option(None, "--to", help="Export folder (default RUN/export/<format>)."),
     weight_type: Optional[str] = typer.Option(None, "--weight-type", help="onnx: int8 or int4 weight codes "
                                               "(default int4 for <= 4-bit runs, else int8)."),
 ) -> None:
     """Write a run as a real low-bit model: packed 2/3/4/8-bit codes, or an ONNX graph."""
-    if format_ not in FORMATS:
-        _fail(f"--format: {format_!r} is not one of {', '.join(FORMATS)}")
-    if weight_type is not None and (format_ != "onnx" or weight_type not in ("int8", "int4")):
+    fmt = _run(get_format, format_)
+    if weight_type is not None and ("weight_type" not in fmt.options or weight_type not in ("int8", "int4")):
         _fail(f"--weight-type: {weight_type!r} needs --format onnx and one of int8, int4")
-    if format_ == "packed":
-        from squat_cli.export.packed import export_packed
-
-        manifest = _run(export_packed, run, to)
+    manifest = _run(fmt.export, run, to, weight_type=weight_type)
+    if "quantized_layers" in manifest["size"]:
         print_size_report(manifest)
-        where = to or run / "export" / "packed"
     else:
-        from squat_cli.export.onnx import export_onnx
-
-        manifest = _run(export_onnx, run, to, weight_type)
         console.print(f"ONNX graph: {manifest['size']['file_bytes'] / 1024:,.1f} KiB "
                       f"({manifest['weight_type']} weights, opset {manifest['opset']})", highlight=False)
-        where = to or run / "export" / "onnx"
+    where = to or run / "export" / fmt.name
     console.print(f"export folder: {where}", highlight=False)
 
 

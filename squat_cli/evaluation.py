@@ -17,6 +17,7 @@ import torch
 
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
+from squat_cli.export.formats import FORMATS, detect
 from squat_cli.glue import get_task
 from squat_cli.runs import RunDir, write_json
 from squat_cli.task_data import dev_sets
@@ -30,20 +31,6 @@ class Scored:
     written: Path
     reference: Optional[dict[str, Any]]
     """The source run's dev metrics (None when unknown)."""
-
-
-def detect(path: Path) -> str:
-    """``onnx``, ``packed`` or ``run``; a path that is none of them is refused."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".onnx" or path.is_dir() and (path / "model.onnx").is_file():
-        return "onnx"
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return "packed"
-    if path.is_dir() and ((path / "recipe.yaml").is_file() or (path / "metrics.json").is_file()):
-        return "run"
-    if not path.exists():
-        raise RunError(f"no such file or folder: {path}")
-    raise RunError(f"{path}: not a run folder, a packed export (manifest.json) or an ONNX export (.onnx)")
 
 
 def _autocast(precision: str) -> Callable:
@@ -72,21 +59,15 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
                     "eval_batch_size": recipe.train.eval_batch_size}
         reference = run.metrics()
         folder = path
-    elif kind == "packed":
-        from squat_cli.export.loader import load_packed
-
-        model, tokenizer, manifest = load_packed(path)
-        settings = manifest["source_run"]
-        reference = settings.get("dev_metrics")
-        folder = path
     else:
-        from squat_cli.export.onnx import load_onnx
-
-        model, tokenizer, manifest = load_onnx(path)
-        settings = {**manifest["source_run"], "precision": "fp32"}
+        fmt = FORMATS[kind]
+        model, tokenizer, manifest = fmt.load(path)
+        settings = dict(manifest["source_run"])
+        if fmt.runs_in is not None:
+            settings["precision"] = fmt.runs_in
         reference = manifest["source_run"].get("dev_metrics")
-        folder = path if path.is_dir() else path.parent
-    if precision is not None and kind != "onnx":
+        folder = fmt.folder(path)
+    if precision is not None and (kind == "run" or FORMATS[kind].runs_in is None):
         settings = {**settings, "precision": precision}
     task = get_task(settings["task"])
     dev = dev_sets(task, settings["data"], tokenizer, data_dir)

@@ -23,7 +23,8 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, build_act_quantizer, decode_weight
-from squat_cli.export.packed import FORMAT, FORMAT_VERSION, MANIFEST_FILE, read_manifest_file
+from squat_cli.export.folder import MANIFEST_FILE, read_manifest_file
+from squat_cli.export.packed import FORMAT, FORMAT_VERSION
 from squat_cli.export.packing import packed_bytes
 from squat_cli.runs import sha256_file
 

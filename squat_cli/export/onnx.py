@@ -35,7 +35,7 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.packed import check_destination, check_exportable, read_manifest_file, run_facts
+from squat_cli.export.folder import check_destination, check_exportable, read_manifest_file, run_facts
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
@@ -57,7 +57,8 @@ def _need_onnx():
     return onnx, onnxruntime
 
 
-def _options(ort):
+def session_options(ort):
+    """onnxruntime session options as squat uses them (errors only in the log)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only
     return opts
@@ -220,7 +221,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
         weight_bytes = _fold_weight_quantizers(graph_model.graph, weight_bits)
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, str(tmp / MODEL_FILE))
-        session = ort.InferenceSession(str(tmp / MODEL_FILE), _options(ort), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(tmp / MODEL_FILE), session_options(ort), providers=["CPUExecutionProvider"])
         session.run(None, {n: sample[n].numpy() for n in names})  # it runs
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -270,7 +271,7 @@ def load_onnx(path: Path, threads: Optional[int] = None):
     model_file = path if path.is_file() else folder / MODEL_FILE
     if sha256_file(model_file) != manifest.get("sha256"):
         raise RunError(f"{model_file}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
-    opts = _options(ort)
+    opts = session_options(ort)
     if threads:
         opts.intra_op_num_threads = threads
     try:
