@@ -166,75 +166,6 @@ def sharpness(
         err_console.print(f"skipped {r.path}: {why}", highlight=False, soft_wrap=True)
 
 
-@app.command(epilog="Example: squat report --out runs --reports reports")
-def report(
-    out: Path = OutOpt,
-    reports: Path = typer.Option(Path("reports"), "--reports", help="Folder for tables and figures."),
-    search: bool = typer.Option(False, "--search", help="--out holds a settings search (one runs root per "
-                                "setting): write search.csv and search.md, every run with its settings."),
-    reference: Optional[list[Path]] = typer.Option(None, "--reference", help="With --search: --out holds SQuAT "
-                                                   "variants; compare them with this runs root's LSQ and SQuAT runs "
-                                                   "of the same task, bits and seed (variants.md/.csv/.png). "
-                                                   "Repeatable: a later root's runs replace the same runs of the "
-                                                   "earlier ones."),
-    timing: Optional[Path] = typer.Option(None, "--timing", help="With --reference: a runs root of reruns of "
-                                          "reference runs, timed beside the variants; their training times "
-                                          "replace the reference runs' (dev metrics stay the reference's)."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="The grid recipe the runs come from: its note heads "
-                                        "the report, and the claims' verdicts stay provisional until each of its "
-                                        "tasks has pairs with all its seeds."),
-) -> None:
-    """Tables 1-4 (CSV, Markdown) and Figures 2-3 (PNG) from every run folder, beside the paper's numbers."""
-    from squat_cli.report.build import write_report
-
-    if not out.is_dir():
-        _fail(f"runs folder {out} does not exist; run squat finetune/quantize (or squat sweep) first")
-    reference = list(reference or [])
-    if reference and not search:
-        _fail("--reference compares variants: give it with --search")
-    if grid is not None and search:
-        _fail("--grid names the grid of a results report; a --search report does not use it")
-    for ref in reference:
-        if not ref.is_dir():
-            _fail(f"reference runs folder {ref} does not exist")
-    if timing is not None and not reference:
-        _fail("--timing retimes reference runs: give it with --search --reference")
-    if timing is not None and not timing.is_dir():
-        _fail(f"timing runs folder {timing} does not exist")
-    if search:
-        _write_search(out, reports)
-        if reference:
-            _write_variants(out, reference, reports, timing)
-        return
-    if grid is not None:
-        from squat_cli import sweep as S
-
-        g = _run(S.load_grid, grid)
-        rep = _run(write_report, out, reports, g.sweep.note, tuple(g.tasks), len(g.seeds))
-    else:
-        rep = _run(write_report, out, reports)
-    print_report(rep)
-
-
-def _write_search(out: Path, reports: Path) -> None:
-    from squat_cli.report.search import write_search
-
-    df = _run(write_search, out, reports)
-    done = int((df["status"] == "done").sum()) if not df.empty else 0
-    console.print(f"search: {len(df)} runs ({done} finished) -> {reports / 'search.md'}")
-
-
-def _write_variants(out: Path, reference: list[Path], reports: Path, timing: Optional[Path] = None) -> None:
-    from squat_cli.report.variants import write_variants
-
-    found = _run(write_variants, out, reference, reports, timing=timing)
-    for v in found:
-        console.print(f"{v.method}: {v.mean:+.2f} points vs squat ({v.pairs} pairs), {v.cost:.2f}x lsq; "
-                      f"within noise: {'-' if v.within_noise is None else ('yes' if v.within_noise else 'no')}, cost goal: "
-                      f"{'yes' if v.meets_cost else 'no'}")
-    console.print(f"variants -> {reports / 'variants.md'}")
-
-
 @app.command(epilog="Example: squat sweep recipes/demo.yaml --data-dir glue/ --shard 0/2")
 def sweep(
     recipe: Path = typer.Argument(..., help="Grid recipe (recipes/paper.yaml, recipes/demo.yaml)."),
@@ -276,38 +207,15 @@ def sweep(
         from squat_cli.report.build import write_report
 
         if grid.settings:
-            _write_search(out, reports)
+            write_search_report(out, reports)
         else:
             print_report(_run(write_report, out, reports, grid.sweep.note, tuple(grid.tasks), len(grid.seeds)))
     if res.failed:
         raise typer.Exit(1)
 
 
-def print_report(rep) -> None:
-    from squat_cli.report.tables import cell_text
-
-    if rep.note:
-        console.print(f"[bold]{rep.note}[/]", highlight=False)
-    if rep.header:
-        console.print("[bold yellow]This grid differs from the paper's setup:[/]")
-        for line in rep.header:
-            console.print(f"  - {line}", highlight=False)
-    t1 = rep.tables[0]
-    table = Table(title=t1.title)
-    table.add_column("method")
-    table.add_column("W/A")
-    shown = [c for c in t1.columns if not t1.frame.empty and t1.frame[f"{c}_n"].sum() > 0]
-    for c in shown:
-        table.add_column(c, justify="right")
-    for _, row in t1.frame.iterrows():
-        table.add_row(row["method"], row["W/A"], *[cell_text(row, c, 2) for c in shown])
-    console.print(table)
-    for where, why in rep.skipped:
-        err_console.print(f"skipped {where}: {why}", highlight=False)
-    console.print(f"report: {rep.folder / 'report.md'}; figures: {', '.join(str(p) for p in rep.figures) or 'none'}")
-
-
-from squat_cli import cli_export  # noqa: E402,F401  (registers export and evaluate after the commands above)
+from squat_cli import cli_export, cli_report  # noqa: E402,F401  (register export, evaluate and report after the commands above)
+from squat_cli.cli_report import print_report, write_search_report  # noqa: E402
 
 
 def main() -> None:

@@ -116,14 +116,35 @@ def test_paper_numbers_shipped():
 
 
 def test_report_cli_prints_table1(grid, tmp_path):
-    res = runner.invoke(app, ["report", "--out", str(grid), "--reports", str(tmp_path / "rep")])
+    res = runner.invoke(app, ["report", "results", "--out", str(grid), "--reports", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert "Table 1" in res.output and "53.00 ± 3.61 (n=3)" in res.output
     assert "skipped" in res.output and "differs from the paper" in res.output
+    assert "deprecated" not in res.output
+
+
+def test_old_report_spelling_still_works_with_a_notice_and_the_same_files(grid, variants, tmp_path):
+    old = runner.invoke(app, ["report", "--out", str(grid), "--reports", str(tmp_path / "old")])
+    new = runner.invoke(app, ["report", "results", "--out", str(grid), "--reports", str(tmp_path / "new")])
+    assert old.exit_code == new.exit_code == 0, old.output
+    assert "notice: `squat report` without a subcommand is deprecated" in old.output and "report results" in old.output
+    ref, var = variants
+    old_v = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "old_v"),
+                                "--reference", str(ref)])
+    new_v = runner.invoke(app, ["report", "variants", "--out", str(var), "--reports", str(tmp_path / "new_v"),
+                                "--reference", str(ref)])
+    assert old_v.exit_code == new_v.exit_code == 0 and "use `squat report variants`" in old_v.output
+    for a, b in (("old", "new"), ("old_v", "new_v")):
+        names = sorted(p.name for p in (tmp_path / a).iterdir() if p.suffix in (".md", ".csv"))
+        assert names and names == sorted(p.name for p in (tmp_path / b).iterdir() if p.suffix in (".md", ".csv"))
+        for name in names:
+            assert (tmp_path / a / name).read_text() == (tmp_path / b / name).read_text(), name
+    res = runner.invoke(app, ["report", "variants", "--out", str(var)])
+    assert res.exit_code == 2 and "--reference: give the runs root" in res.output
 
 
 def test_report_empty_and_missing(tmp_path):
-    res = runner.invoke(app, ["report", "--out", str(tmp_path / "nope")])
+    res = runner.invoke(app, ["report", "results", "--out", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "runs folder" in res.output and "does not exist" in res.output
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["report", "--out", str(tmp_path / "empty"), "--reports", str(tmp_path / "r")])
