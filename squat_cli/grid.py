@@ -88,7 +88,7 @@ class Grid:
         over = {"data.task": task, "train.seed": seed}
         if data_dir:
             over["data.data_dir"] = data_dir
-        return recipe_from_dict(apply_overrides(d, over)).validate()
+        return recipe_from_dict(apply_overrides(d, over)).complete()
 
     def quant_recipe(self, task: str, seed: int, method: str, wbits: int, data_dir: Optional[str] = None,
                      setting: str = "") -> Recipe:
@@ -123,7 +123,7 @@ class Grid:
                 raise RecipeError(f"quantize.sam.rho: no radius for W{wbits} (have {sorted(rho)})")
             else:  # no SAM: the radius is unused
                 over["sam.rho"] = None
-        return recipe_from_dict(apply_overrides(d, over)).validate()
+        return recipe_from_dict(apply_overrides(d, over)).complete()
 
     def sharpness_settings(self, rho: float) -> SharpnessSettings:
         return dataclasses.replace(self.sharpness, rho=rho)

@@ -154,7 +154,7 @@ def recipe_difference(run: RunDir, expected: Recipe) -> Optional[str]:
     """The first recipe key where a finished run differs from what the grid would run now (None: the same).
     Both sides are compared with defaults filled in, so fields added later with their old behaviour match."""
     try:
-        stored = recipe_from_dict(read_yaml(run.recipe_file)).validate().to_dict()
+        stored = recipe_from_dict(read_yaml(run.recipe_file)).complete().to_dict()
     except SquatError:
         return "its recipe.yaml is unreadable"
     want = copy.deepcopy(expected).to_dict()

@@ -11,7 +11,7 @@ from squat_cli.quant.convert import calibrate, quantize_model
 from squat_cli.quant.lsq import LsqQuantizer, lsq_quantize
 from squat_cli.recipe import QuantConfig
 from tests.quant_helpers import batches
-from tests.test_strategies import RHO, _quantized, _strategy, reference_step
+from tests.step_reference import RHO, quantized, reference_step, strategy_for
 
 # ---------------------------------------------------------------- (a) SAM's weight step: masked or identity STE
 
@@ -43,7 +43,7 @@ def test_identity_weight_step_differs_from_masked_where_weights_clip(method):
     masked, _ = reference_step(method, 0, batch, 2, "masked")
     ident, _ = reference_step(method, 0, batch, 2, "identity")
     name = "bert.encoder.layer.0.intermediate.dense.weight"
-    model, _ = _quantized(method)
+    model, _ = quantized(method)
     layer = model.get_submodule(name[: -len(".weight")])
     ratio = layer.weight / layer.wq.step
     clipped = (ratio <= layer.wq.qn) | (ratio >= layer.wq.qp)
@@ -53,7 +53,7 @@ def test_identity_weight_step_differs_from_masked_where_weights_clip(method):
     assert int((ident[name][clipped] != w0[clipped]).sum()) == int(clipped.sum())  # identity: they move
     assert torch.allclose(masked[name][~clipped], ident[name][~clipped], rtol=0, atol=1e-7)  # the rest: alike
     # the strategy leaves no quantizer in identity mode after its step
-    st = _strategy(model, method, RHO, weight_ste="identity")
+    st = strategy_for(model, method, RHO, weight_ste="identity")
     st.step(batch)
     assert not any(q.identity_ste for q in st.wquantizers)
 
@@ -104,7 +104,7 @@ def _dropout_bert(method, seed=0):
 
 def _train(method, rho, replay, steps=4):
     m = _dropout_bert(method)
-    st = _strategy(m, method, rho, optimizer="adam", dropout_replay=replay)
+    st = strategy_for(m, method, rho, optimizer="adam", dropout_replay=replay)
     torch.manual_seed(123)
     losses = [st.step(b) for b in batches(steps, seed=5)]
     return {n: p.detach().clone() for n, p in m.named_parameters()}, losses, torch.get_rng_state()
@@ -123,7 +123,7 @@ def test_joint_rho0_with_replay_is_lsq_exactly_with_dropout():
 @pytest.mark.parametrize("replay", [True, False])
 def test_squat_passes_share_masks_only_with_replay(replay):
     m = _dropout_bert("squat")
-    st = _strategy(m, "squat", RHO, optimizer="adam", dropout_replay=replay)
+    st = strategy_for(m, "squat", RHO, optimizer="adam", dropout_replay=replay)
     masks = []
     hook = m.dropout.register_forward_hook(lambda mod, i, o: masks.append(o == 0))
     torch.manual_seed(7)

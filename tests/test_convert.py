@@ -157,7 +157,7 @@ def _family(name):
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert"])
 def test_default_layers_found_by_structure_in_every_family(family):
     """No name patterns: every nn.Linear of the repeated encoder blocks, nothing else; then one SQuAT step trains."""
-    from tests.test_strategies import _strategy
+    from tests.step_reference import strategy_for
 
     torch.manual_seed(0)
     model, blocks = _family(family)
@@ -167,7 +167,7 @@ def test_default_layers_found_by_structure_in_every_family(family):
     assert not any(isinstance(m, QuantLinear) for n, m in model.named_modules() if not n.startswith(f"{blocks}."))
     calibrate(model, batches(1, seed=9))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss = _strategy(model, "squat", 0.05, optimizer="adam").step(batches(1, seed=4)[0])
+    loss = strategy_for(model, "squat", 0.05, optimizer="adam").step(batches(1, seed=4)[0])
     assert loss == loss and loss > 0  # finite
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.endswith(".weight") and n.startswith(blocks) for n in changed)

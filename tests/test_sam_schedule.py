@@ -11,10 +11,10 @@ from squat_cli.train.loop import build_optimizers
 from squat_cli.train.sam_schedule import ASCENT, PLAIN, REUSE, SamSchedule
 from squat_cli.train.strategies import StepContext, make_strategy
 from tests.quant_helpers import batches, tiny_bert
-from tests.test_strategies import LR, LR_S, RHO, _calibrated, _params, reference_step
+from tests.step_reference import LR, LR_S, RHO, calibrated, params_of, reference_step
 
 
-def _strategy(model, method, rho=RHO, schedule=SamSchedule(), optimizer="sgd", step_size_grad="fresh"):
+def strategy_for(model, method, rho=RHO, schedule=SamSchedule(), optimizer="sgd", step_size_grad="fresh"):
     train = TrainConfig(optimizer=optimizer, lr=LR, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0,
                         max_grad_norm=None)
     w_opt, _, s_opt, _ = build_optimizers(model, train, QuantConfig(method=method, step_lr=LR_S), 10)
@@ -24,10 +24,10 @@ def _strategy(model, method, rho=RHO, schedule=SamSchedule(), optimizer="sgd", s
 
 
 def _run(method, schedule, steps=4, rho=RHO):
-    m = _calibrated(method)
-    st = _strategy(m, method, rho, schedule, optimizer="adam")
+    m = calibrated(method)
+    st = strategy_for(m, method, rho, schedule, optimizer="adam")
     losses = [st.step(b) for b in batches(steps, seed=5)]
-    return _params(m), losses
+    return params_of(m), losses
 
 
 def test_modes():
@@ -57,13 +57,13 @@ def test_every_k_reuses_the_stored_eps_exactly(method):
 
     from squat_cli.quant.qlinear import quant_layers
 
-    m = _calibrated(method) if method != "fp-sam" else tiny_bert()
-    st = _strategy(m, method, schedule=SamSchedule(every=2))
+    m = calibrated(method) if method != "fp-sam" else tiny_bert()
+    st = strategy_for(m, method, schedule=SamSchedule(every=2))
     b0, b1 = batches(2, seed=5)
     st.step(b0)
     stored = [e.clone() for e in st.perturb.stored]
     twin = copy.deepcopy(m)
-    twin_st = _strategy(twin, method)  # same optimizer state: SGD with momentum, first step already taken
+    twin_st = strategy_for(twin, method)  # same optimizer state: SGD with momentum, first step already taken
     twin_st.ctx.w_opt.load_state_dict(copy.deepcopy(st.ctx.w_opt.state_dict()))  # own momentum buffers
     if st.ctx.s_opt is not None:
         twin_st.ctx.s_opt.load_state_dict(copy.deepcopy(st.ctx.s_opt.state_dict()))
@@ -95,7 +95,7 @@ def test_every_k_reuses_the_stored_eps_exactly(method):
         twin(**b1).loss.backward()
         twin_st._set_grad(twin_st.w_params, True)
     twin_st._step_s()
-    got, want = _params(m), _params(twin)
+    got, want = params_of(m), params_of(twin)
     assert all(torch.equal(got[n], want[n]) for n in got)
 
 
@@ -111,13 +111,13 @@ def test_probability_zero_is_the_method_without_sam():
 @pytest.mark.parametrize("method", ["joint", "squat"])
 def test_ascent_fraction_takes_eps_from_the_first_part_of_the_batch(method):
     """fraction 0.5 of a 4-example batch: eps from examples 0-1, the descent on all 4 (hand-written reference)."""
-    from tests.test_strategies import _quantized
+    from tests.step_reference import quantized
 
     batch = batches(1)[0]
     half = {k: v[:2] for k, v in batch.items()}
     W1, S1 = reference_step(method, 0, batch, 2, eps_batch=half)
-    model, names = _quantized(method)
-    _strategy(model, method, schedule=SamSchedule(fraction=0.5)).step(batch)
+    model, names = quantized(method)
+    strategy_for(model, method, schedule=SamSchedule(fraction=0.5)).step(batch)
     got = dict(model.named_parameters())
     for n, ref in W1.items():
         assert torch.allclose(got[n], ref, atol=1e-6, rtol=1e-5), n
@@ -148,8 +148,8 @@ def test_reuse_takes_the_step_size_gradient_from_the_weight_pass_when_there_is_n
     computation on a copy). At step 0 no step-size update is pending: the steps stay as initialised."""
     import copy
 
-    m = _calibrated("squat")
-    st = _strategy(m, "squat", schedule=schedule, step_size_grad="reuse")
+    m = calibrated("squat")
+    st = strategy_for(m, "squat", schedule=schedule, step_size_grad="reuse")
     b0, b1 = batches(2, seed=5)
     s_init = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith(".step")}
     st.step(b0)
@@ -158,7 +158,7 @@ def test_reuse_takes_the_step_size_gradient_from_the_weight_pass_when_there_is_n
         assert all(torch.equal(s_init[n], s_after0[n]) for n in s_init)
     stored = [e.clone() for e in st.perturb.stored] if st.perturb.stored is not None else None
     twin = copy.deepcopy(m)
-    twin_st = _strategy(twin, "squat", step_size_grad="reuse")
+    twin_st = strategy_for(twin, "squat", step_size_grad="reuse")
     twin_st.ctx.w_opt.load_state_dict(copy.deepcopy(st.ctx.w_opt.state_dict()))
     twin_st.ctx.s_opt.load_state_dict(copy.deepcopy(st.ctx.s_opt.state_dict()))
     twin_st.step_count = 1
@@ -175,6 +175,6 @@ def test_reuse_takes_the_step_size_gradient_from_the_weight_pass_when_there_is_n
     twin_st.perturb.restore()
     twin_st._step_w()
     twin_st._step_s()
-    got, want = _params(m), _params(twin)
+    got, want = params_of(m), params_of(twin)
     assert all(torch.equal(got[n], want[n]) for n in got)
     assert any(not torch.equal(got[n], s_after0[n]) for n in s_after0)  # the step sizes moved at step 1

@@ -11,7 +11,7 @@ from squat_cli.quant.convert import quantize_model
 from squat_cli.recipe import QuantConfig
 from squat_cli.sharpness import ascent_sharpness, keskar_sharpness
 from tests.quant_helpers import batches, tiny_bert
-from tests.test_strategies import lsq_ref
+from tests.step_reference import lsq_ref
 
 TARGETS = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense"]

@@ -92,7 +92,7 @@ def load_recipe(
     base: dict[str, Any] | None = None,
 ) -> Recipe:
     """Recipe from layers, lowest first: dataclass defaults, ``base`` (dotted keys), the YAML
-    file, ``overrides`` (dotted keys; None values ignored), ``--set`` strings. Then validate."""
+    file, ``overrides`` (dotted keys; None values ignored), ``--set`` strings. Then complete (fill derived values) and check."""
     data = apply_overrides({}, dict(base or {}))
     merge_sections(data, read_yaml(path) if path else {})
     merged: dict[str, Any] = {}
@@ -103,4 +103,4 @@ def load_recipe(
         parts, value = parse_override(s)
         merged[".".join(parts)] = value
     apply_overrides(data, merged)
-    return recipe_from_dict(data).validate()
+    return recipe_from_dict(data).complete()

@@ -1,8 +1,10 @@
-"""The recipe schema: one typed dataclass per section, validated as a whole by ``Recipe.validate``."""
+"""The recipe schema: one typed dataclass per section, completed and checked as a whole by ``Recipe.complete``
+(``resolve`` fills the values other keys decide, ``check`` only checks)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -12,6 +14,7 @@ from squat_cli.errors import RecipeError
 from squat_cli.quant.methods import KD_SUFFIX, METHODS, get_method, names_where
 from squat_cli.typed import build
 
+_MIXED_RE = re.compile(r"^\d+/\d+$")
 MAX_SEED = 2**32 - 1
 """numpy's seeding takes 32-bit seeds."""
 WEIGHT_ONLY_METHODS = names_where(weight_only=True, selectable=True)
@@ -241,8 +244,23 @@ class Recipe:
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> "Recipe":
-        """Cross-field checks that the types alone cannot express."""
+    def complete(self) -> "Recipe":
+        """The recipe as it runs: the values derived from others filled in (``resolve``), then every cross-field
+        rule checked (``check``)."""
+        return self.resolve().check()
+
+    def resolve(self) -> "Recipe":
+        """Fill the values other keys decide: SAM's radius by the paper's rule when unset (0.1 for W2/W3, 0.15 for
+        W4 and wider), and Q-BERT mixed precision's lower bit width as ``quant.wbits``."""
+        q = self.quant
+        if self.sam.rho is None:
+            self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
+        if q is not None and q.mixed is not None and _MIXED_RE.match(q.mixed):
+            q.wbits = int(q.mixed.split("/")[0])
+        return self
+
+    def check(self) -> "Recipe":
+        """Cross-field checks that the types alone cannot express (nothing is changed)."""
         _positive("data.max_seq_length", self.data.max_seq_length, allow_zero=False)
         if self.data.max_seq_length > 4096:
             raise RecipeError(f"data.max_seq_length: {self.data.max_seq_length} is too large (at most 4096)")
@@ -268,7 +286,7 @@ class Recipe:
             raise RecipeError(f"train.seed: {t.seed} is too large (at most {MAX_SEED})")
         q = self.quant
         if self.sam.rho is None:
-            self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
+            raise RecipeError("sam.rho: unset (resolve() fills the paper's radius)")
         if self.sam.rho < 0:
             raise RecipeError(f"sam.rho: {self.sam.rho} must be >= 0")
         _positive("sam.every", self.sam.every, allow_zero=False)
@@ -302,9 +320,10 @@ class Recipe:
                     mixed = ", ".join(names_where(mixed_precision=True))
                     raise RecipeError(f"quant.mixed: mixed precision is an option of {mixed} (method is {q.method})")
                 parts = q.mixed.split("/")
-                if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 2 <= int(parts[0]) < int(parts[1]) <= 8:
+                if not _MIXED_RE.match(q.mixed) or not 2 <= int(parts[0]) < int(parts[1]) <= 8:
                     raise RecipeError(f"quant.mixed: {q.mixed!r} must be L/H with 2 <= L < H <= 8, e.g. 2/3")
-                q.wbits = int(parts[0])
+                if q.wbits != int(parts[0]):
+                    raise RecipeError(f"quant.wbits: {q.wbits}; with quant.mixed {q.mixed} it is {parts[0]}")
             if not 0 < q.mixed_share < 1:
                 raise RecipeError(f"quant.mixed_share: {q.mixed_share} must be in (0, 1)")
             for key in ("hessian_subsets", "hessian_examples", "hessian_iters"):

@@ -36,7 +36,7 @@ RUN_COLUMNS = ["method", "task", "wbits", "abits", "seed", "value", "train_time_
 
 
 @dataclass
-class Verdict:
+class VariantVerdict:
     method: str
     pairs: int
     mean: float
@@ -150,7 +150,7 @@ def cost_ratio(runs: pd.DataFrame, method: str, baseline: str) -> float:
     return float(r.median()) if len(r) else float("nan")
 
 
-def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> list[Verdict]:
+def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> list[VariantVerdict]:
     runs = run_table(results)
     noise = seed_noise(runs, target)
     out = []
@@ -160,7 +160,7 @@ def verdicts(results: pd.DataFrame, target: str, baseline: str, goal: float) -> 
         lo, hi = bootstrap_ci(d)
         cost = cost_ratio(runs, method, baseline)
         within = None if not len(d) or np.isnan(noise) else bool(mean > -noise and lo <= 0 <= hi)
-        out.append(Verdict(method, len(d), mean, lo, hi, noise, cost, within, bool(cost <= goal)))
+        out.append(VariantVerdict(method, len(d), mean, lo, hi, noise, cost, within, bool(cost <= goal)))
     return out
 
 
@@ -216,7 +216,7 @@ def reference_note(results: pd.DataFrame, timing: Optional[Path]) -> list[str]:
             "and sharpness stay the reference's.", ""]
 
 
-def variants_markdown(runs: pd.DataFrame, found: list[Verdict], target: str, baseline: str, goal: float,
+def variants_markdown(runs: pd.DataFrame, found: list[VariantVerdict], target: str, baseline: str, goal: float,
                       note: Optional[list[str]] = None) -> str:
     lines = [*(note or []), "### Per method and bit width", "",
              f"Mean and seed standard deviation of the dev metric; vs {baseline}: mean paired difference to the "
@@ -277,7 +277,7 @@ def variants_figure(runs: pd.DataFrame, path: Path, target: str, baseline: str) 
 
 
 def write_variants(root: Path, reference: Path | Sequence[Path], folder: Path, target: str = "squat", baseline: str = "lsq",
-                   goal: float = 1.3, timing: Optional[Path] = None) -> list[Verdict]:
+                   goal: float = 1.3, timing: Optional[Path] = None) -> list[VariantVerdict]:
     """``variants.csv`` (every run), ``variants.md`` (runs and verdicts) and ``variants.png`` in ``folder``."""
     results = variant_results(root, reference, (target, baseline), timing)
     runs = run_table(results)

@@ -50,7 +50,7 @@ PAPER_GAIN = 1.0  # C1's "about 1 point on average"
 
 
 @dataclass
-class Verdict:
+class ClaimVerdict:
     claim: str
     verdict: str
     evidence: str
@@ -107,7 +107,7 @@ def _cells_text(cells: list[Cell], digits: int = 2) -> str:
                      for c in cells)
 
 
-def c1(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
+def c1(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> ClaimVerdict:
     p = pairs(results, "squat", "lsq")
     cells = [cell(f"W{b}", p[p.wbits == b]["diff"].to_numpy(), +1) for b in sorted(p.wbits.unique())]
     text = _cells_text(cells)
@@ -116,10 +116,10 @@ def c1(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) ->
         inside = "inside" if lo <= PAPER_GAIN <= hi else "outside"
         text += (f". Pooled over {len(p)} pairs: {p['diff'].mean():+.2f} [{lo:+.2f}, {hi:+.2f}]; the paper's "
                  f"+{PAPER_GAIN:g} is {inside} it")
-    return Verdict("C1", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
+    return ClaimVerdict("C1", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def c2(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
+def c2(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> ClaimVerdict:
     cells, loss0, left_out, few = [], [], [], False
     for key in SHARP_KEYS:
         p = pairs(results, "squat", "lsq", key)
@@ -138,10 +138,10 @@ def c2(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) ->
         text += f". Mean L(W0) difference SQuAT - LSQ over the cells: {np.nanmean(loss0):+.4f}"
     if left_out:
         text += ". Left out (an ascent stopped inside the ball): " + ", ".join(left_out)
-    return Verdict("C2", combine(cells), text, few or not cells)
+    return ClaimVerdict("C2", combine(cells), text, few or not cells)
 
 
-def c3(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
+def c3(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> ClaimVerdict:
     p = pairs(results, "joint", "squat")
     cells = [cell(f"W{b}", p[p.wbits == b]["diff"].to_numpy(), -1) for b in sorted(p.wbits.unique())]
     text = "joint - SQuAT: " + _cells_text(cells) if cells else "no joint/SQuAT pairs"
@@ -150,10 +150,10 @@ def c3(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) ->
         k = int((q["diff"] < 0).sum())
         often = "often" if k >= len(q) / 2 else "not often"
         text += f". joint under LSQ in {k} of {len(q)} pairs ({often}), mean {q['diff'].mean():+.2f}"
-    return Verdict("C3", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
+    return ClaimVerdict("C3", combine(cells), text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def c4(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> Verdict:
+def c4(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) -> ClaimVerdict:
     p = pairs(results, "squat", "fp")
     p = p[p.wbits.isin([3, 4])] if len(p) else p
     cells = [cell(f"{task} W{b}", g["diff"].to_numpy(), +1) for (b, task), g in p.groupby(["wbits", "task"])]
@@ -163,10 +163,10 @@ def c4(results: pd.DataFrame, min_seeds: int, expected: tuple[str, ...] = ()) ->
     text = (f"{len(above)} of {len(cells)} (task, bits) cells have SQuAT's mean above FP's"
             + (f" ({', '.join(c.label for c in above)})" if above else "")
             + f"; {len(sure)} with the whole interval above 0. " + _cells_text(cells))
-    return Verdict("C4", verdict, text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
+    return ClaimVerdict("C4", verdict, text, _few_seeds(p, min_seeds) or _missing_tasks(results, p, expected))
 
 
-def all_verdicts(results: pd.DataFrame, min_seeds: int = 3, expected: tuple[str, ...] = ()) -> list[Verdict]:
+def all_verdicts(results: pd.DataFrame, min_seeds: int = 3, expected: tuple[str, ...] = ()) -> list[ClaimVerdict]:
     """``expected``: the tasks of the grid the runs belong to (a verdict stays provisional until each has pairs)."""
     if results.empty:
         return []
@@ -175,7 +175,7 @@ def all_verdicts(results: pd.DataFrame, min_seeds: int = 3, expected: tuple[str,
             c4(results, min_seeds, e)]
 
 
-def verdicts_markdown(found: list[Verdict], min_seeds: int = 3, expected: tuple[str, ...] = ()) -> str:
+def verdicts_markdown(found: list[ClaimVerdict], min_seeds: int = 3, expected: tuple[str, ...] = ()) -> str:
     lines = ["### Verdicts", "",
              "By the decision rules of `squat_cli/report/verdicts.py`: a cell is "
              "*for* a claim when its 95% bootstrap interval lies wholly on the claim's side of 0, *against* when "
