@@ -601,3 +601,26 @@ def test_variants_later_reference_root_replaces_runs_whole(variants, tmp_path):
     r = runner.invoke(app, ["report", "--search", "--out", str(var), "--reports", str(tmp_path / "r"),
                             "--reference", str(ref), "--reference", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_runs_named_in_contended_json_leave_the_cost_table(tmp_path):
+    """A run known to have shared the CPU but made before cpu_share was recorded is listed in the runs root's
+    contended.json; its time leaves the cost figures as a low recorded share does (hand values: LSQ's median
+    time 110 of 100, 110, 500 becomes 105 of 100, 110; SQuAT's ratios 3.0, 3.0, 0.62 become 3.0, 3.0)."""
+    from squat_cli.report.claims import cost_table
+    from squat_cli.report.collect import collect
+
+    root = tmp_path / "runs"
+    for seed, (t_lsq, t_sq) in enumerate(((100.0, 300.0), (110.0, 330.0), (500.0, 310.0)), 1):
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t_lsq})
+        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t_sq})
+    before = cost_table(collect(root).results).set_index("method")
+    assert before.loc["squat", "vs_lsq"] == pytest.approx(3.0) and before.loc["lsq", "train_s"] == pytest.approx(110)
+    (root / "contended.json").write_text(json.dumps({"runs": {"rte/lsq-w2a8/seed3": "beside the tests"}}))
+    after = cost_table(collect(root).results).set_index("method")
+    assert after.loc["lsq", "runs"] == 2 and after.loc["lsq", "contended"] == 1
+    assert after.loc["lsq", "train_s"] == pytest.approx(105.0)
+    assert after.loc["squat", "vs_lsq"] == pytest.approx(3.0)  # the pair of seed 3 has no LSQ time now
+    (root / "contended.json").write_text("[1, 2]")
+    with pytest.raises(Exception, match="contended.json: expected"):
+        collect(root)

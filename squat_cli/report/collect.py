@@ -27,6 +27,23 @@ def contended(metrics: dict) -> bool:
     return isinstance(share, (int, float)) and share < CONTENDED_SHARE
 
 
+CONTENDED_FILE = "contended.json"
+"""In a runs root: runs known to have shared the CPU that recorded no ``cpu_share`` (made before it was recorded),
+``{"runs": {"<task>/<variant>/seed<k>": "why"}}``. Their times are no cost, as for a low recorded share."""
+
+
+def known_contended(root: Path) -> dict[str, str]:
+    """The runs ``root/contended.json`` names (empty without the file); a damaged file is an error naming it."""
+    path = Path(root) / CONTENDED_FILE
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in runs.items()):
+        raise SquatError(f"{path}: expected {{\"runs\": {{\"<task>/<variant>/seed<k>\": \"why\"}}}}")
+    return runs
+
+
 def stopped_short(key: str, entry: dict) -> bool:
     """An ascent score whose final perturbation stayed inside the ball (||delta_T|| < rho); False if unrecorded."""
     if not key.startswith("ascent/"):
@@ -54,6 +71,7 @@ def collect(root: Path) -> Collected:
     rows: list[dict[str, Any]] = []
     recipes: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
+    shared = known_contended(root)
     for run in discover(root):
         where = str(run.path)
         try:
@@ -83,16 +101,17 @@ def collect(root: Path) -> Collected:
             skipped.append((where, f"metrics.json lacks {', '.join(missing)}"))
             continue
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
+        busy = contended(metrics) or f"{run.task}/{run.variant}/seed{run.seed}" in shared
         for k in task.metric_names():
             rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False,
                          "delta": None})
         if isinstance(metrics.get("train_time_s"), (int, float)) and metrics.get("steps"):
             rows.append({**base, "metric": "train_time_s", "value": float(metrics["train_time_s"]), "loss0": None,
-                         "short": contended(metrics), "delta": None})
+                         "short": busy, "delta": None})
         for key, name in (("wall_time_s", "time:fit"), ("job_time_s", "time:job")):
             if isinstance(metrics.get(key), (int, float)):
                 rows.append({**base, "metric": name, "value": float(metrics[key]), "loss0": None,
-                             "short": bool(metrics.get("steps")) and contended(metrics), "delta": None})
+                             "short": bool(metrics.get("steps")) and busy, "delta": None})
         for key, name in STEP_SIZE_KEYS.items():
             if isinstance(metrics.get(key), (int, float)):
                 rows.append({**base, "metric": name, "value": float(metrics[key]), "loss0": None, "short": False,
