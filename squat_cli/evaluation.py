@@ -17,6 +17,7 @@ import torch
 
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
+from squat_cli.export.folder import MANIFEST_FILE, source_settings
 from squat_cli.export.formats import FORMATS, detect
 from squat_cli.glue import get_task
 from squat_cli.runs import RunDir, write_json
@@ -62,11 +63,11 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
     else:
         fmt = FORMATS[kind]
         model, tokenizer, manifest = fmt.load(path)
-        settings = dict(manifest["source_run"])
+        folder = fmt.folder(path)
+        settings = dict(source_settings(manifest, folder / MANIFEST_FILE))
         if fmt.runs_in is not None:
             settings["precision"] = fmt.runs_in
-        reference = manifest["source_run"].get("dev_metrics")
-        folder = fmt.folder(path)
+        reference = settings.get("dev_metrics")
     if precision is not None and (kind == "run" or FORMATS[kind].runs_in is None):
         settings = {**settings, "precision": precision}
     task = get_task(settings["task"])

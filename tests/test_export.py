@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from squat_cli.cli import app
 from squat_cli.export import load_packed
+from squat_cli.export.folder import manifest_digest
 from squat_cli.run_model import load_run_model
 from squat_cli.runs import RunDir
 from squat_cli.task_data import load_task_data
@@ -62,7 +63,7 @@ def test_packed_export_reproduces_the_run_exactly(runs, glue_dir, tmp_path, vari
     assert res.exit_code == 0, res.output
     assert "quantized layers:" in res.output and "whole file:" in res.output
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
-    assert manifest["format"] == "squat-packed" and manifest["format_version"] == 1
+    assert manifest["format"] == "squat-packed" and manifest["format_version"] == 2
     assert set(p.name for p in (tmp_path / "x").iterdir()) >= {"model.safetensors", "manifest.json", "config.json"}
     res = runner.invoke(app, ["evaluate", str(tmp_path / "x"), "--data-dir", str(glue_dir)])
     assert res.exit_code == 0, res.output
@@ -163,6 +164,57 @@ def test_onnx_export_runs_in_onnxruntime_within_tolerance(runs, glue_dir, tmp_pa
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=2e-3)
 
 
+def test_onnx_graph_is_checked_against_its_manifest(runs, glue_dir, tmp_path):
+    """Another task's manifest (the graph's 2 logits are not STS-B's 1), inputs the graph does not take, a dropped
+    input: one line each, with the manifest sealed consistently so that the graph check is what refuses."""
+    pytest.importorskip("onnx")
+    good = tmp_path / "good"
+    res = runner.invoke(app, ["export", str(_run(runs, "squat-w4a8")), "--format", "onnx", "--to", str(good)])
+    assert res.exit_code == 0, res.output
+
+    def variant(name, fn):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        m = json.loads((d / "manifest.json").read_text())
+        fn(m)
+        m["manifest_sha256"] = manifest_digest(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        return runner.invoke(app, ["evaluate", str(d), "--data-dir", str(glue_dir)])
+
+    _one_line_error(variant("task", lambda m: m["source_run"].update(task="stsb")), "a graph of another task")
+    _one_line_error(variant("bogus", lambda m: m.update(inputs=["input_ids", "attention_mask", "bogus"])),
+                    "do not match the graph's")
+    _one_line_error(variant("dropped", lambda m: m.update(inputs=["input_ids", "attention_mask"])),
+                    "do not match the graph's")
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "model.onnx").unlink()
+    _one_line_error(runner.invoke(app, ["evaluate", str(missing), "--data-dir", str(glue_dir)]), "model.onnx: missing")
+
+
+def test_deberta_v2_exports_to_onnx_with_the_inputs_it_takes(tmp_path, glue_dir, minilm_dir):
+    """DeBERTa-v2 has no token types (type_vocab_size 0): the graph takes input_ids and attention_mask only."""
+    pytest.importorskip("onnx")
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "deberta"
+    DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(model_dir)
+    common = ["--task", "rte", "--data-dir", str(glue_dir), "--out", str(tmp_path / "runs"), *FAST]
+    assert runner.invoke(app, ["finetune", "--model", str(model_dir), *common]).exit_code == 0
+    res = runner.invoke(app, ["quantize", *common, "--method", "lsq", "--wbits", "4"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "rte" / "lsq-w4a8" / "seed42"
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--to", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["inputs"] == ["input_ids", "attention_mask"]
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "o"), "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.parametrize("variant,why", [("gobo-w2a32", "have no QDQ form"), ("qbert-w3a8", "have no QDQ form")])
 def test_onnx_refuses_what_has_no_qdq_form(runs, tmp_path, variant, why):
     pytest.importorskip("onnx")
@@ -203,6 +255,20 @@ def test_bad_exports(runs, tmp_path):
         _one_line_error(runner.invoke(app, ["export", str(src), "--format", fmt, "--to", str(keep)]),
                         "the folder exists and is not a squat export")
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]  # never replaced
+    (keep / "manifest.json").write_text('{"name": "x"}')  # an unrelated manifest does not make it an export
+    for fmt in ("packed", "onnx"):
+        _one_line_error(runner.invoke(app, ["export", str(src), "--format", fmt, "--to", str(keep)]),
+                        "the folder exists and is not a squat export")
+    assert sorted(p.name for p in keep.iterdir()) == ["manifest.json", "notes.txt"]
+    earlier = tmp_path / "earlier"
+    assert runner.invoke(app, ["export", str(src), "--to", str(earlier)]).exit_code == 0
+    assert runner.invoke(app, ["export", str(src), "--to", str(earlier)]).exit_code == 0  # an export is replaced
+    (earlier / "mine.txt").write_text("mine")  # ... unless it holds a file squat did not write
+    _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(earlier)]),
+                    "holds files squat did not write (mine.txt)")
+    assert (earlier / "mine.txt").read_text() == "mine"
+    (tmp_path / "link").symlink_to(earlier)
+    _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "link")]), "is a symbolic link")
     (tmp_path / "afile").write_text("x")
     _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "afile")]), "a file is in the way")
 
@@ -222,12 +288,47 @@ def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):
         data[-5] ^= 0xFF
         (d / "model.safetensors").write_bytes(bytes(data))
 
-    def edit_manifest(fn):
+    def edit_manifest(fn, reseal=True):
+        """Edit the manifest; ``reseal``: with a consistent digest, so the deeper checks are what refuses it."""
         def change(d):
             m = json.loads((d / "manifest.json").read_text())
             fn(m)
+            if reseal:
+                m["manifest_sha256"] = manifest_digest(m)
             (d / "manifest.json").write_text(json.dumps(m))
         return change
+
+    layer0 = "bert.encoder.layer.0.output.dense"
+    _one_line_error(variant("unsealed", edit_manifest(lambda m: m["layers"][layer0].update(offset=1), reseal=False)),
+                    "the manifest is damaged or was altered")
+    _one_line_error(variant("config", lambda d: (d / "config.json").write_text(
+        (d / "config.json").read_text().replace('"gelu"', '"relu"'))), "config.json: its SHA-256 differs")
+    _one_line_error(variant("outside", edit_manifest(lambda m: m.update(weights_file="../good/model.safetensors"))),
+                    "is not a file name inside the export folder")
+    _one_line_error(variant("absolute", edit_manifest(lambda m: m.update(weights_file="/etc/passwd"))),
+                    "is not a file name inside the export folder")
+    _one_line_error(variant("added", lambda d: (d / "added_tokens.json").write_text("{}")),
+                    "holds files the export did not write (added_tokens.json)")
+    _one_line_error(variant("reversed", edit_manifest(lambda m: m["layers"][layer0].update(
+        shape=m["layers"][layer0]["shape"][::-1]))), "the model of config.json takes")
+    _one_line_error(variant("eight", edit_manifest(lambda m: m["layers"][layer0]["input"].update(bits="eight"))),
+                    "input bits 'eight' is not a whole number")
+    _one_line_error(variant("strinput", edit_manifest(lambda m: m["layers"][layer0].update(input="lsq"))),
+                    "input 'lsq' is not a mapping")
+    _one_line_error(variant("nosource", edit_manifest(lambda m: m.pop("source_run"))), "no source_run record")
+    _one_line_error(variant("nodata", edit_manifest(lambda m: m["source_run"].pop("data"))), "source_run lacks data")
+    _one_line_error(variant("batch0", edit_manifest(lambda m: m["source_run"].update(eval_batch_size=0))),
+                    "train.eval_batch_size: 0 must be > 0")
+    _one_line_error(variant("batchabc", edit_manifest(lambda m: m["source_run"].update(eval_batch_size="abc"))),
+                    "train.eval_batch_size")
+    _one_line_error(variant("len", edit_manifest(lambda m: m["source_run"]["data"].update(max_seq_length=100000))),
+                    "data.max_seq_length: 100000 is too large")
+    _one_line_error(variant("subset", edit_manifest(lambda m: m["source_run"]["data"].update(eval_subset=-1))),
+                    "data.eval_subset: -1 must be > 0")
+    _one_line_error(variant("vstr", edit_manifest(lambda m: m.update(format_version="1"))),
+                    "format version '1' is not a whole number")
+    _one_line_error(variant("v1", edit_manifest(lambda m: m.update(format_version=1))),
+                    "written by an older squat and carries no integrity record")
 
     _one_line_error(variant("flip", flip_byte), "SHA-256 differs from the manifest's")
     _one_line_error(variant("trunc", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10)), "SHA-256 differs")

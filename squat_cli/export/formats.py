@@ -6,6 +6,7 @@ one new module under ``export/`` and one record here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,12 +39,27 @@ def _load_onnx(path: Path):
     return load_onnx(path)
 
 
+def _manifest_format(folder: Path) -> Optional[str]:
+    """The ``format`` an export folder's manifest declares (None: no readable manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def _is_onnx(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".onnx" or path.is_dir() and (path / "model.onnx").is_file()
+    if path.is_file():
+        return path.suffix == ".onnx"
+    declared = _manifest_format(path) if path.is_dir() else None
+    return declared == "squat-onnx" or declared is None and path.is_dir() and (path / "model.onnx").is_file()
 
 
 def _is_packed(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST_FILE).is_file() and not (path / "model.onnx").is_file()
+    if not path.is_dir() or not (path / MANIFEST_FILE).is_file():
+        return False
+    declared = _manifest_format(path)
+    return declared == "squat-packed" or declared not in ("squat-onnx",) and not (path / "model.onnx").is_file()
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,9 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, build_act_quantizer, decode_weight
-from squat_cli.export.folder import MANIFEST_FILE, read_manifest_file
+from squat_cli.export.folder import MANIFEST_FILE, plain_name, read_manifest_file
 from squat_cli.export.packed import FORMAT, FORMAT_VERSION
 from squat_cli.export.packing import packed_bytes
-from squat_cli.runs import sha256_file
 
 
 class DequantLinear(nn.Linear):
@@ -52,6 +51,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return read_manifest_file(folder, FORMAT, FORMAT_VERSION, "not a squat export")
 
 
+ACT_KINDS = {"lsq": ("step",), "max": ("max",), "range": ("min", "max")}
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_desc(desc: Any) -> None:
+    """A manifest layer entry's types and ranges, before anything is decoded (ExportError naming the key)."""
+    if not isinstance(desc, dict):
+        raise ExportError("its manifest entry is not a mapping")
+    shape = desc.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_whole(d, 1, 1 << 24) for d in shape):
+        raise ExportError(f"shape {shape!r} is not two positive whole numbers")
+    if not _whole(desc.get("bits"), 1, 8):
+        raise ExportError(f"bits {desc.get('bits')!r} is not a whole number in 1..8")
+    act = desc.get("input")
+    if act is not None:
+        if not isinstance(act, dict):
+            raise ExportError(f"input {act!r} is not a mapping (or null)")
+        if act.get("kind") not in ACT_KINDS:
+            raise ExportError(f"input kind {act.get('kind')!r} is not one of {', '.join(ACT_KINDS)}")
+        if not _whole(act.get("bits"), 2, 32):
+            raise ExportError(f"input bits {act.get('bits')!r} is not a whole number in 2..32")
+
+
 def _expected_suffixes(desc: dict[str, Any]) -> dict[str, tuple[str, Optional[tuple[int, ...]]]]:
     """suffix -> (dtype name, shape or None when only the dtype is fixed) of one layer's stored tensors."""
     shape = tuple(desc["shape"])
@@ -74,7 +99,7 @@ def _expected_suffixes(desc: dict[str, Any]) -> dict[str, tuple[str, Optional[tu
         raise ExportError(f"unknown weight kind {kind!r}")
     act = desc.get("input")
     if act is not None:
-        names = {"lsq": ("step",), "max": ("max",), "range": ("min", "max")}.get(act.get("kind"))
+        names = ACT_KINDS.get(act.get("kind"))
         if names is None:
             raise ExportError(f"unknown activation kind {act.get('kind')!r}")
         out.update({f"input.{k}": ("float32", (1,)) for k in names})
@@ -82,11 +107,7 @@ def _expected_suffixes(desc: dict[str, Any]) -> dict[str, tuple[str, Optional[tu
 
 
 def _read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights = folder / str(manifest.get("weights_file", ""))
-    if not weights.is_file():
-        raise RunError(f"{weights}: missing")
-    if sha256_file(weights) != manifest.get("sha256"):
-        raise RunError(f"{weights}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
+    weights = folder / plain_name(manifest, "weights_file", folder / MANIFEST_FILE)  # its SHA-256 was checked
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -99,6 +120,7 @@ def _decode_layers(tensors: dict[str, torch.Tensor], layers: dict[str, Any]):
     decoded = {}
     for name, desc in layers.items():
         try:
+            _check_desc(desc)
             expected = _expected_suffixes(desc)
             own = {}
             for suffix, (dtype, shape) in expected.items():
@@ -138,6 +160,11 @@ def load_packed(path: Path | str, device: str | torch.device = "cpu"):
     state = dict(tensors)
     for name, (weight, _, _) in decoded.items():
         state[f"{name}.weight"] = weight
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise RunError(f"{folder}: {key} has shape {tuple(value.shape)}, the model of config.json takes "
+                           f"{tuple(own[key].shape)}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         which = "missing" if result.missing_keys else "unexpected"
@@ -148,10 +175,16 @@ def load_packed(path: Path | str, device: str | torch.device = "cpu"):
         if tuple(mod.weight.shape) != tuple(weight.shape):
             raise RunError(f"layer {name}: shape {tuple(weight.shape)} does not fit the model's {tuple(mod.weight.shape)}")
         if isinstance(mod, nn.Linear):
-            aq = build_act_quantizer(act, adesc) if adesc is not None else None
+            try:
+                aq = build_act_quantizer(act, adesc) if adesc is not None else None
+            except (ExportError, KeyError, TypeError, ValueError) as exc:
+                raise RunError(f"layer {name}: {exc}") from None
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, DequantLinear(mod, aq))
     tokenizer = load_tokenizer(str(folder))
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise RunError(f"{folder}: the tokenizer has {len(tokenizer)} ids, the model's embeddings {rows} rows")
     model.to(device)
     model.eval()
     return model, tokenizer, manifest

@@ -35,14 +35,22 @@ from torch import nn
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.folder import check_destination, check_exportable, read_manifest_file, run_facts
+from squat_cli.export.folder import (
+    check_destination,
+    check_exportable,
+    plain_name,
+    read_manifest_file,
+    run_facts,
+    seal,
+    source_settings,
+)
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
 
 FORMAT = "squat-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 OPSET = 21
 MODEL_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -218,6 +226,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                               opset_version=OPSET, input_names=list(names), output_names=["logits"],
                               dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
         graph_model = onnx.load(str(tmp / MODEL_FILE))
+        names = tuple(i.name for i in graph_model.graph.input)  # what the model takes (DeBERTa-v2: no token types)
         weight_bytes = _fold_weight_quantizers(graph_model.graph, weight_bits)
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, str(tmp / MODEL_FILE))
@@ -232,6 +241,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                     "sha256": sha256_file(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
                     "source_run": facts,
                     "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
+        manifest = seal(manifest, tmp)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
@@ -268,9 +278,12 @@ def load_onnx(path: Path, threads: Optional[int] = None):
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     manifest = read_manifest_file(folder, FORMAT, FORMAT_VERSION, "export with squat export --format onnx")
-    model_file = path if path.is_file() else folder / MODEL_FILE
-    if sha256_file(model_file) != manifest.get("sha256"):
-        raise RunError(f"{model_file}: its SHA-256 differs from the manifest's: the file is damaged or was altered")
+    file = folder / "manifest.json"
+    model_file = folder / plain_name(manifest, "model_file", file)
+    if path.is_file() and path.name != model_file.name:
+        raise RunError(f"{path}: not the graph its folder's manifest names ({model_file.name})")
+    src = source_settings(manifest, file)
+    task = get_task(src["task"])
     opts = session_options(ort)
     if threads:
         opts.intra_op_num_threads = threads
@@ -278,5 +291,14 @@ def load_onnx(path: Path, threads: Optional[int] = None):
         session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise RunError(f"{model_file}: onnxruntime cannot load it ({type(exc).__name__})") from None
-    task = get_task(manifest["source_run"]["task"])
-    return OrtModel(session, manifest["inputs"], task.is_regression), load_tokenizer(str(folder)), manifest
+    graph_inputs = [i.name for i in session.get_inputs()]
+    declared = manifest.get("inputs")
+    if not isinstance(declared, list) or sorted(declared) != sorted(graph_inputs) \
+            or not set(graph_inputs) <= set(INPUTS):
+        raise RunError(f"{file}: inputs {declared!r} do not match the graph's {graph_inputs}")
+    labels = task.num_labels
+    out_shape = session.get_outputs()[0].shape
+    if session.get_outputs()[0].name != "logits" or out_shape[-1] != labels:
+        raise RunError(f"{model_file}: its output {session.get_outputs()[0].name} {out_shape} is not {task.name}'s "
+                       f"{labels} logits per example (a graph of another task?)")
+    return OrtModel(session, graph_inputs, task.is_regression), load_tokenizer(str(folder)), manifest
