@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,7 +27,7 @@ from squat_cli.cli_base import (
     console,
     err_console,
 )
-from squat_cli.errors import SquatError
+from squat_cli.errors import SquatError, Terminated
 from squat_cli.quant import methods
 
 
@@ -218,8 +219,13 @@ from squat_cli import cli_export, cli_report  # noqa: E402,F401  (register expor
 from squat_cli.cli_report import print_report, write_search_report  # noqa: E402
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _terminate)  # clean up as on Ctrl-C: no half-written output stays behind
     try:
         app()
     except SquatError as exc:  # pragma: no cover - _run catches these first

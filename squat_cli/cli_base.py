@@ -8,7 +8,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from squat_cli.errors import SquatError
+from squat_cli.errors import SquatError, Terminated
+from squat_cli.runs import public_path
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,9 +68,11 @@ def _run(fn, *args, **kwargs) -> Any:
     try:
         return fn(*args, **kwargs)
     except SquatError as exc:
-        _fail(str(exc))
+        _fail(public_path(str(exc)))
+    except Terminated:
+        _fail("terminated", code=143)
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     except OSError as exc:  # disk full, permissions, a file where a folder should be
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{public_path(exc.filename)}: " if exc.filename else ""
         _fail(f"{where}{exc.strerror or type(exc).__name__}")

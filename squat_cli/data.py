@@ -20,11 +20,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from squat_cli.errors import DataError
+from squat_cli.errors import DataError, RunError
 from squat_cli.glue import GlueTask
-from squat_cli.runs import atomic_path
+from squat_cli.runs import atomic_path, save_tensors
 
 DATA_DIR_ENV = "SQUAT_DATA_DIR"
 CACHE_DIR_ENV = "SQUAT_CACHE_DIR"
@@ -290,7 +290,7 @@ def encode(ex: Examples, tokenizer, max_length: int, regression: bool, use_cache
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp))
-        except OSError:
+                save_tensors(tensors, tmp)
+        except (OSError, RunError):
             pass  # caching is an optimisation; a read-only cache folder is not an error
     return out

@@ -21,5 +21,9 @@ class RunError(SquatError):
     """A run folder is missing, incomplete or inconsistent."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the command stops as on Ctrl-C (temporary files are removed on the way out), exit code 143."""
+
+
 class DivergenceError(SquatError):
     """Training produced a non-finite loss or step size."""

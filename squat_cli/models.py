@@ -130,9 +130,14 @@ def load_model(name_or_path: str, task: GlueTask, trust_remote_code: bool = Fals
 
 def save_model(model: torch.nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
     """``save_pretrained`` with safetensors; ``state_dict`` overrides what is written (e.g. without step sizes)."""
-    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    from squat_cli.runs import write_failure
+
+    try:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - disk full / file-size limit: SafetensorError or OSError
+        raise write_failure(Path(folder) / "model.safetensors", exc) from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,10 +32,41 @@ from squat_cli.errors import RunError
 RUN_RE = re.compile(r"^seed(\d+)$")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove temporaries (``.NAME.tmp-PID``, ``.NAME.old-PID``) beside ``path`` left by processes that died
+    mid-write (SIGKILL, power loss); a live process's are left alone."""
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    for stale in [*parent.glob(f".{glob_escape(path.name)}.tmp-*"), *parent.glob(f".{glob_escape(path.name)}.old-*")]:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
+    sweep_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -52,6 +83,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Like ``atomic_path`` for a folder: an existing one is replaced only once the new one is complete."""
     path = Path(path)
+    sweep_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if tmp.exists():
@@ -104,9 +136,41 @@ def ensure_writable(root: Path | str) -> None:
         fail(f"{existing} is not writable")
 
 
+TEMP_RE = re.compile(r"(^|/)\.([^/]+)\.(?:tmp|old)-\d+(?=/|$)")
+
+
+def public_path(path: Path | str) -> str:
+    """A path as the user knows it: a temporary ``.NAME.tmp-PID`` part of it shown as ``NAME``."""
+    return TEMP_RE.sub(r"\1\2", str(path))
+
+
+def write_failure(path: Path | str, exc: BaseException) -> RunError:
+    """One line for a write that failed (disk full, file-size limit, permissions), naming the final path."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+    else:  # safetensors' SerializationError/SafetensorError wraps the OS error's text
+        text = str(exc)
+        m = re.search(r'message: \\?"([^"\\]+)', text) or re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+        reason = m.group(1) if m else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return RunError(f"{public_path(path)}: cannot write ({reason})")
+
+
+def save_tensors(tensors: dict, path: Path | str, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors' ``save_file``, with a failed write as one ``RunError`` line naming the path."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError is not an OSError
+        raise write_failure(path, exc) from None
+
+
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise write_failure(path, exc) from None
 
 
 def write_json(path: Path | str, obj: Any) -> None:

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from squat_cli.errors import RunError
 from squat_cli.export.codes import ExportError, act_state, encode_weight
 from squat_cli.export.folder import MANIFEST_FILE, check_destination, check_exportable, run_facts, seal
 from squat_cli.quant.qlinear import is_quantizer_key, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
+from squat_cli.runs import RunDir, atomic_dir, save_tensors, sha256_file, write_json
 
 FORMAT = "squat-packed"
 FORMAT_VERSION = 2
@@ -91,7 +90,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
     out = Path(to) if to is not None else run.path / "export" / "packed"
     check_destination(out)
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        save_tensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         file_bytes = (tmp / WEIGHTS_FILE).stat().st_size

@@ -17,7 +17,6 @@ from typing import Iterable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from squat_cli.errors import RunError
@@ -26,7 +25,7 @@ from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qbert import EmaRangeQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, learned_quantizers, quant_layers
 from squat_cli.recipe import QuantConfig
-from squat_cli.runs import atomic_path
+from squat_cli.runs import atomic_path, save_tensors
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -172,7 +171,7 @@ def save_quantizer(model: nn.Module, cfg: QuantConfig, path: Path, names: list[s
         "per_channel": str(cfg.per_channel), "modules": json.dumps(names),
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_tensors(tensors, tmp, metadata=meta)
 
 
 def load_quantizer(model: nn.Module, path: Path) -> dict[str, str]:

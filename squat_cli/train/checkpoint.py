@@ -22,10 +22,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from squat_cli.errors import RunError
-from squat_cli.runs import atomic_dir, sha256_file
+from squat_cli.runs import atomic_dir, save_tensors, sha256_file
 
 FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors", "state.json")
 
@@ -81,9 +81,9 @@ def save_checkpoint(
                 "python": [py_state[0], list(py_state[1]), py_state[2]]},
     }
     with atomic_dir(folder) as tmp:
-        save_file(model_t, str(tmp / "model.safetensors"))
-        save_file(optim_t or {"_empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
-        save_file(rng_t, str(tmp / "rng.safetensors"))
+        save_tensors(model_t, tmp / "model.safetensors")
+        save_tensors(optim_t or {"_empty": torch.zeros(0)}, tmp / "optim.safetensors")
+        save_tensors(rng_t, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
         manifest = {f: sha256_file(tmp / f) for f in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
