@@ -221,21 +221,47 @@ class RunDir:
     def for_run(cls, root: Path | str, task: str, variant: str, seed: int) -> "RunDir":
         return cls(Path(root) / task / variant / f"seed{seed}")
 
-    # layout -------------------------------------------------------------
+    # identity -----------------------------------------------------------
+    def identity(self) -> tuple[str, str, int]:
+        """(task, variant, seed): from the path when it is laid out as ``<task>/<variant>/seed<k>`` (``.`` and
+        relative paths resolved), else from the run's own recipe, so a run folder copied or renamed
+        (``myruns/best-model``) is still the run it was."""
+        here = self.path.absolute()
+        m = RUN_RE.match(here.name)
+        if m and here.parent.name and here.parent.parent.name:
+            try:
+                parse_variant(here.parent.name)
+                return here.parent.parent.name, here.parent.name, int(m.group(1))
+            except RunError:
+                pass
+        return self._identity_from_recipe()
+
+    def _identity_from_recipe(self) -> tuple[str, str, int]:
+        from squat_cli.errors import SquatError
+        from squat_cli.recipe import recipe_from_dict
+        from squat_cli.yaml_safe import read_yaml
+
+        if not self.recipe_file.is_file():
+            raise RunError(f"{self.path}: not a run folder (no recipe.yaml, and not laid out as "
+                           ".../<task>/<variant>/seed<k>)")
+        try:
+            recipe = recipe_from_dict(read_yaml(self.recipe_file)).complete()
+        except SquatError as exc:
+            raise RunError(f"{self.recipe_file}: {exc}") from None
+        variant = "fp" if recipe.quant is None else variant_name(*recipe.variant_parts())
+        return recipe.data.task, variant, recipe.train.seed
+
     @property
     def task(self) -> str:
-        return self.path.parent.parent.name
+        return self.identity()[0]
 
     @property
     def variant(self) -> str:
-        return self.path.parent.name
+        return self.identity()[1]
 
     @property
     def seed(self) -> int:
-        m = RUN_RE.match(self.path.name)
-        if not m:
-            raise RunError(f"{self.path}: not a run folder (expected .../<task>/<variant>/seed<k>)")
-        return int(m.group(1))
+        return self.identity()[2]
 
     @property
     def recipe_file(self) -> Path:

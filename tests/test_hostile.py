@@ -2,6 +2,7 @@
 models, odd grids. Each case goes through the CLI and ends in one line on stderr, a non-zero exit, and nothing
 damaged or left half-written."""
 
+import json
 import os
 import resource
 import shutil
@@ -120,3 +121,27 @@ def test_file_size_limit_gives_one_line_and_leaves_nothing(runs, tmp_path, glue_
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "cache" not in p.parts)
     new = [p for p in after if p not in before and not (p == Path("out") and not any((tmp_path / p).iterdir()))]
     assert new == [], new  # (an empty runs root may stay: the user named it)
+
+
+def test_a_run_is_known_by_its_own_files_not_its_path(runs, tmp_path, glue_dir, monkeypatch):
+    """`cd RUN && squat export .` and a run folder copied to myruns/best-model work like the original."""
+    run = runs / "rte" / "lsq-w4a8" / "seed42"
+    copy = tmp_path / "myruns" / "best-model"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    res = runner.invoke(app, ["evaluate", str(copy), "--data-dir", str(glue_dir), "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    ref = json.loads((run / "metrics.json").read_text())
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == ref["accuracy"]
+    res = runner.invoke(app, ["export", str(copy), "--to", str(tmp_path / "e1")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(copy)
+    res = runner.invoke(app, ["export", ".", "--to", str(tmp_path / "e2")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["sharpness", "--rho", "0.01", "--steps", "1", "--examples", "8", "--run", ".",
+                              "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    assert "ascent/rho=0.01" in json.loads((copy / "sharpness.json").read_text())
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    (tmp_path / "empty" / "metrics.json").write_text("{}")
+    one_line(runner.invoke(app, ["export", "."]), "has no saved model")
