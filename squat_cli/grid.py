@@ -134,15 +134,26 @@ def is_grid_recipe(path: Path | str) -> bool:
     return isinstance(data, dict) and "sweep" in data
 
 
+MAX_JOBS = 20_000
+"""A grid planning more jobs than this is refused (years of compute on one machine, most likely a typo)."""
+
+
 def load_grid(path: Path | str) -> Grid:
     data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a grid recipe is a mapping of sections (sweep, finetune, quantize, ...)")
     allowed = ("sweep", "finetune", "quantize", "sharpness", "settings", "method_settings", "distill")
     for key in data:
         if key not in allowed:
             raise RecipeError(f"{key}: unknown key; allowed: {', '.join(allowed)}")
     if "sweep" not in data:
         raise RecipeError(f"{path}: a grid recipe needs a sweep section")
-    sweep = build(SweepSection, data["sweep"] or {}, "sweep")
+    for key in allowed:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(data[key]).__name__} {data[key]!r:.40}")
+    if not data["sweep"]:
+        raise RecipeError("sweep: empty; it needs at least tasks (e.g. tasks: [rte])")
+    sweep = build(SweepSection, data["sweep"], "sweep")
     sharp_data = data.get("sharpness") or {}
     if "rho" in sharp_data:
         raise RecipeError("sharpness.rho: set the radii in sweep.sharpness_rhos")
@@ -173,12 +184,28 @@ def load_grid(path: Path | str) -> Grid:
                               "qbert-mp<H> (Q-BERT mixed precision W/H)")
     if any(r <= 0 for r in sweep.sharpness_rhos):
         raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")
-    # validate every recipe the grid will use, before anything runs
-    for t in sweep.tasks:
-        for seed in sweep.seeds:
-            grid.fp_recipe(t, seed)
-            for m in sweep.methods:
-                for b in sweep.method_wbits.get(m, sweep.wbits):
-                    for name in grid.setting_names():
-                        grid.quant_recipe(t, seed, m, b, setting=name)
+    if not sweep.tasks or not sweep.seeds:
+        raise RecipeError("sweep: needs at least one task and one seed")
+    per_chain = 1 + len(grid.setting_names()) * sum(len(set(sweep.method_wbits.get(m, sweep.wbits)))
+                                                    for m in set(sweep.methods))
+    per_chain *= 1 + len(set(sweep.sharpness_rhos))  # at most: every run scored at every radius
+    jobs = len(set(sweep.tasks)) * len(set(sweep.seeds)) * per_chain
+    if jobs > MAX_JOBS:
+        raise RecipeError(f"sweep: the grid plans up to {jobs:,} jobs (more than {MAX_JOBS:,}); split it or cut "
+                          "tasks, seeds, methods or bit widths")
+    # validate every recipe the grid will use, before anything runs: a recipe differs across tasks and seeds only
+    # in data.task and train.seed, so each task, each seed and each (method, bits, setting) is checked once
+    first_task, first_seed = sweep.tasks[0], sweep.seeds[0]
+    for t in dict.fromkeys(sweep.tasks):
+        grid.fp_recipe(t, first_seed)
+    for seed in dict.fromkeys(sweep.seeds):
+        grid.fp_recipe(first_task, seed)
+    for m in dict.fromkeys(sweep.methods):
+        for b in dict.fromkeys(sweep.method_wbits.get(m, sweep.wbits)):
+            for name in grid.setting_names():
+                grid.quant_recipe(first_task, first_seed, m, b, setting=name)
+    for t in dict.fromkeys(sweep.tasks):  # each task once through a quantized recipe as well
+        for m in sweep.methods[:1]:
+            for b in sweep.method_wbits.get(m, sweep.wbits)[:1]:
+                grid.quant_recipe(t, first_seed, m, b, setting=grid.setting_names()[0])
     return grid

@@ -60,22 +60,25 @@ class Job:
 
 
 def plan(grid: Grid) -> list[Job]:
-    """Every job of the grid in dependency order, chain by chain."""
+    """Every job of the grid in dependency order, chain by chain; each job once, however often a list repeats
+    an entry. Linear in the number of jobs."""
     jobs: list[Job] = []
-    for task in grid.sweep.tasks:
-        t = get_task(task).name
-        for seed in grid.sweep.seeds:
+    tasks = list(dict.fromkeys(get_task(t).name for t in grid.sweep.tasks))
+    for t in tasks:
+        for seed in dict.fromkeys(grid.sweep.seeds):
             chain = [Job("fp", t, seed, "fp")]
+            seen = set(chain)
             for name in grid.setting_names():
-                for m in grid.sweep.methods:
-                    for b in grid.sweep.method_wbits.get(m, grid.sweep.wbits):
+                for m in dict.fromkeys(grid.sweep.methods):
+                    for b in dict.fromkeys(grid.sweep.method_wbits.get(m, grid.sweep.wbits)):
                         b, a = get_method(m).variant_bits(b, grid.sweep.abits)  # fp-sam: one w32a32 run
                         variant = variant_name(m, b, a)
                         job = Job("quantize", t, seed, variant, m, b, setting=name)
-                        if job not in chain:
+                        if job not in seen:
+                            seen.add(job)
                             chain.append(job)
             runs = [j for j in chain if grid.sweep.sharpness_methods is None or j.method in grid.sweep.sharpness_methods]
-            for rho in grid.sweep.sharpness_rhos:
+            for rho in dict.fromkeys(grid.sweep.sharpness_rhos):
                 chain += [Job("sharpness", r.task, r.seed, r.variant, r.method, r.wbits, rho, r.setting)
                           for r in runs]
             jobs += chain
@@ -96,10 +99,7 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
 
 def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
     """Worker ``i`` of ``n`` gets every n-th chain (in the grid's order)."""
-    chains: list[tuple[str, int]] = []
-    for j in jobs:
-        if j.chain not in chains:
-            chains.append(j.chain)
+    chains = list(dict.fromkeys(j.chain for j in jobs))  # in the grid's order, each once
     mine = {c for k, c in enumerate(chains) if k % n == i}
     return [j for j in jobs if j.chain in mine]
 

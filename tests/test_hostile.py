@@ -145,3 +145,48 @@ def test_a_run_is_known_by_its_own_files_not_its_path(runs, tmp_path, glue_dir, 
     monkeypatch.chdir(tmp_path / "empty")
     (tmp_path / "empty" / "metrics.json").write_text("{}")
     one_line(runner.invoke(app, ["export", "."]), "has no saved model")
+
+
+GRID = """
+sweep: {tasks: [rte], methods: [lsq], wbits: [2], seeds: [1], sharpness_rhos: []}
+finetune: {train: {epochs: 1}}
+quantize: {train: {epochs: 1}}
+"""
+
+
+@pytest.mark.parametrize("section,value,message", [
+    ("finetune", "[1, 2]", "finetune: expected a mapping, got list"),
+    ("quantize", "'fast'", "quantize: expected a mapping, got str"),
+    ("sharpness", "[1]", "sharpness: expected a mapping, got list"),
+    ("sweep", "", "sweep: empty"),
+    ("sweep", "{tasks: []}", "sweep: needs at least one task and one seed"),
+])
+def test_grid_sections_of_the_wrong_type(tmp_path, section, value, message):
+    lines = [line for line in GRID.strip().splitlines() if not line.startswith(f"{section}:")]
+    path = tmp_path / "g.yaml"
+    path.write_text("\n".join([*lines, f"{section}: {value}"]) + "\n")
+    for extra in ([], ["--dry-run"]):
+        one_line(runner.invoke(app, ["sweep", str(path), "--out", str(tmp_path / "r"), *extra]), message)
+
+
+def test_absurd_grids_are_refused_fast_and_duplicates_planned_once(tmp_path, monkeypatch):
+    from squat_cli.grid import Grid
+
+    built = []
+    orig = Grid.quant_recipe
+    monkeypatch.setattr(Grid, "quant_recipe", lambda self, *a, **k: built.append(a) or orig(self, *a, **k))
+    path = tmp_path / "huge.yaml"
+    path.write_text(GRID.replace("seeds: [1]", f"seeds: {list(range(3000))}").replace(
+        "tasks: [rte]", "tasks: [rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli, wnli]").replace(
+        "methods: [lsq]", "methods: [lsq, squat, joint, ptq, q8bert, qbert]").replace("wbits: [2]", "wbits: [2, 3, 4, 5, 6, 7, 8]"))
+    res = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    one_line(res, "sweep: the grid plans up to 1,161,000 jobs (more than 20,000)")
+    assert built == []  # refused before any recipe is built
+    path.write_text(GRID.replace("seeds: [1]", f"seeds: {list(range(120))}"))
+    res = runner.invoke(app, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "plan: 240 jobs" in res.output
+    assert len(built) == 2  # one (method, bits) and one task checked, not 120 seeds' recipes one by one
+    path.write_text(GRID.replace("tasks: [rte]", "tasks: [rte, rte]").replace("wbits: [2]", "wbits: [2, 2]")
+                    .replace("seeds: [1]", "seeds: [1, 1]").replace("methods: [lsq]", "methods: [lsq, lsq]"))
+    res = runner.invoke(app, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "plan: 2 jobs" in res.output
