@@ -178,7 +178,8 @@ def test_absurd_grids_are_refused_fast_and_duplicates_planned_once(tmp_path, mon
     path = tmp_path / "huge.yaml"
     path.write_text(GRID.replace("seeds: [1]", f"seeds: {list(range(3000))}").replace(
         "tasks: [rte]", "tasks: [rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli, wnli]").replace(
-        "methods: [lsq]", "methods: [lsq, squat, joint, ptq, q8bert, qbert]").replace("wbits: [2]", "wbits: [2, 3, 4, 5, 6, 7, 8]"))
+        "methods: [lsq]", "methods: [lsq, squat, joint, ptq, q8bert, qbert]").replace(
+        "wbits: [2]", "wbits: [2, 3, 4, 5, 6, 7, 8]"))
     res = runner.invoke(app, ["sweep", str(path), "--dry-run"])
     one_line(res, "sweep: the grid plans up to 1,161,000 jobs (more than 20,000)")
     assert built == []  # refused before any recipe is built
