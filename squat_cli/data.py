@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from squat_cli.errors import DataError, RunError
 from squat_cli.glue import GlueTask
-from squat_cli.runs import atomic_path, save_tensors
+from squat_cli.runs import atomic_path, save_tensors, user_path
 
 DATA_DIR_ENV = "SQUAT_DATA_DIR"
 CACHE_DIR_ENV = "SQUAT_CACHE_DIR"
@@ -53,6 +53,13 @@ EMBEDDED_TASKS = ("stsb",)
 _told: set[str] = set()
 
 
+CHARS_PER_TOKEN = 16
+"""Before tokenising, each text is cut to ``16 * max_seq_length`` characters: a wordpiece token spans at least one
+character, so every text still holds at least ``max_seq_length`` tokens unless it is mostly whitespace, and one
+absurd line (a 2 MB field) cannot take gigabytes to tokenise. GLUE's longest field (RTE, 1,392 characters) is
+under the cut at the default length."""
+
+
 def embedded_data_dir() -> Path:
     """The GLUE-layout folder packaged with squat (STS-B only)."""
     return Path(__file__).resolve().parent / "demo_data"
@@ -73,7 +80,9 @@ def resolve_data_dir(data_dir: str | None, fallback: str = "none", task: Optiona
                       "with squat (squat_cli/demo_data, CC BY-SA 4.0 scores)", file=sys.stderr, flush=True)
             return embedded_data_dir()
         return None
-    path = Path(chosen).expanduser()
+    path = user_path(chosen, "--data-dir")
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data folder {path} is a file, not a folder; pass GLUE's folder")
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist; pass --data-dir or set {DATA_DIR_ENV} to GLUE's folder")
     return path
@@ -89,7 +98,9 @@ def read_tsv(task: GlueTask, path: Path) -> Examples:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); GLUE's files are UTF-8") from None
-    rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    # rows end at "\n" only (GLUE's files): U+2028, NEL or a form feed inside a sentence is text, not a row break
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     if lay.header:
         try:
             names = next(rows)
@@ -256,7 +267,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_dir() -> Path:
     env = os.environ.get(CACHE_DIR_ENV)
     if env:
-        return Path(env).expanduser()
+        return user_path(env, "SQUAT_CACHE_DIR")
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squat" / "tokenized"
 
 
@@ -272,7 +283,10 @@ def encode(ex: Examples, tokenizer, max_length: int, regression: bool, use_cache
             return Encoded(t["ids"], t.get("type_ids"), t["offsets"], t["labels"])
         except Exception:
             pass  # a broken cache entry is rebuilt below
-    enc = tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=max_length)
+    cut = CHARS_PER_TOKEN * max_length  # bounds time and memory on absurdly long texts; keeps >= max_length tokens
+    text_a = [t[:cut] for t in ex.text_a]
+    text_b = [t[:cut] for t in ex.text_b] if ex.text_b is not None else None
+    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
     offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)

@@ -10,6 +10,7 @@ import torch
 
 from squat_cli.errors import ModelError
 from squat_cli.glue import GlueTask
+from squat_cli.runs import user_path
 
 PACKAGED_MINILM = "packaged-minilm"
 
@@ -41,7 +42,7 @@ def _looks_local(name: str) -> bool:
 
 def _check_source(name: str) -> bool:
     """Return True when ``name`` is to be read from local files only; raise when it cannot be loaded."""
-    path = Path(name).expanduser()
+    path = user_path(name, "--model")
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model folder (no config.json); pass a hub id or a save_pretrained folder")
@@ -49,6 +50,14 @@ def _check_source(name: str) -> bool:
     if _looks_local(name):
         raise ModelError(f"model folder {path} does not exist")
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"--model {name!r}: no such folder, and not a valid hub id (name or org/name of letters, "
+                         "digits, '-', '_', '.')") from None
 
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
@@ -76,7 +85,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     quiet_transformers()
     name = resolve_model_path(name_or_path)
     local = _check_source(name)
-    if local and not any((Path(name).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+    if local and not any((user_path(name, "--model") / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
                          "beside the model (tokenizer.save_pretrained)")
     verbosity = hf_logging.get_verbosity()
@@ -118,14 +127,39 @@ def load_model(name_or_path: str, task: GlueTask, trust_remote_code: bool = Fals
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, use_safetensors=True, ignore_mismatched_sizes=True, **kwargs
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
+            **kwargs
         )
     except Exception as exc:
         raise ModelError(f"could not load a model from {name!r}: {_first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_loaded(model, info, name)
     return model
+
+
+def check_vocab(model: torch.nn.Module, tokenizer, name: str) -> None:
+    """Every id the tokenizer can give must have a row in the model's word embeddings."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"{name}: the tokenizer gives ids up to {len(tokenizer) - 1}, the model's word embeddings "
+                         f"have {rows} rows (config.json's vocab_size); they do not belong together")
+
+
+def check_loaded(model: torch.nn.Module, info: dict, name: str) -> None:
+    """Refuse a checkpoint whose encoder weights did not load into the model its config names (a config saying
+    ``roberta`` over BERT weights would fine-tune a random encoder): only the task head may start new."""
+    prefix = getattr(model, "base_model_prefix", "")
+    params = [k for k, _ in model.named_parameters()]
+    encoder = [k for k in params if prefix and k.startswith(f"{prefix}.")]
+    fresh = sorted({k for k in (*info.get("missing_keys", ()), *(m[0] if isinstance(m, tuple) else m
+                                                               for m in info.get("mismatched_keys", ())))
+                    if prefix and str(k).startswith(f"{prefix}.")})
+    if fresh:
+        raise ModelError(f"{name}: {len(fresh)} of the {len(encoder)} encoder weights of the "
+                         f"{model.config.model_type} model its config.json names are not in the checkpoint and would "
+                         f"start random (e.g. {fresh[0]}); is config.json the checkpoint's own?")
 
 
 def save_model(model: torch.nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:

@@ -103,7 +103,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
 def ensure_writable(root: Path | str) -> None:
     """Check, before any model or data loads and without creating anything, that ``root`` can hold runs:
     no part of it is a file, no name is too long, and its nearest existing folder is writable."""
-    root = Path(root).expanduser().absolute()
+    root = user_path(root, "--out").absolute()
 
     def fail(why: str) -> None:
         raise RunError(f"cannot write to {root}: {why}")
@@ -134,6 +134,14 @@ def ensure_writable(root: Path | str) -> None:
             fail(exc.strerror or type(exc).__name__)
     elif not os.access(existing, os.W_OK | os.X_OK):
         fail(f"{existing} is not writable")
+
+
+def user_path(path: Path | str, what: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; an unknown user is one ``RunError`` naming ``what``."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise RunError(f"{what} {str(path)!r}: {str(path).split('/')[0]} names no user on this machine") from None
 
 
 TEMP_RE = re.compile(r"(^|/)\.([^/]+)\.(?:tmp|old)-\d+(?=/|$)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
+from squat_cli.errors import DataError, RecipeError
 from squat_cli.glue import GlueTask, get_task
 
 
@@ -32,12 +33,31 @@ def encoded_splits(task: GlueTask, data: Any, tokenizer, splits: dict[str, tuple
     """``splits``: split name -> (subset size or None, subset seed or None: the first N in file order).
     ``data``: the run's data settings; ``data_dir`` overrides where the files are."""
     get = _getter(data)
+    max_length = int(get("max_seq_length"))
+    check_length(task, tokenizer, max_length)
     source_dir = resolve_data_dir(data_dir or get("data_dir"), get("fallback", "none"), task)
     out = {}
     for split, (n, seed) in splits.items():
         ex = subset(load_split(task, split, source_dir, get("source", "auto")), n, seed)
-        out[split] = encode(ex, tokenizer, int(get("max_seq_length")), task.is_regression)
+        if split != "train" and len(ex) < 2 and set(task.metric_names()) & CORRELATIONS:
+            raise DataError(f"{task.display} {split}: {len(ex)} example(s); a correlation "
+                            f"({', '.join(sorted(set(task.metric_names()) & CORRELATIONS))}) needs at least two "
+                            "(raise data.eval_subset)")
+        out[split] = encode(ex, tokenizer, max_length, task.is_regression)
     return out
+
+
+CORRELATIONS = {"pearson", "spearmanr"}
+
+
+def check_length(task: GlueTask, tokenizer, max_length: int) -> None:
+    """``data.max_seq_length`` must hold the special tokens and at least one token of each text."""
+    pair = task.tsv.text_b is not None
+    need = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if max_length < need:
+        shape = "a sentence pair" if pair else "a sentence"
+        raise RecipeError(f"data.max_seq_length: {max_length} cannot hold {shape} ({need - (2 if pair else 1)} "
+                          f"special tokens and a token of each text need {need})")
 
 
 def dev_sets(task: GlueTask, data: Any, tokenizer, data_dir: Optional[str] = None) -> dict[str, Encoded]:

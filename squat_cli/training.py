@@ -17,7 +17,7 @@ from squat_cli.batching import train_loader
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.glue import GlueTask, get_task
-from squat_cli.models import load_model, load_tokenizer, save_model
+from squat_cli.models import check_vocab, load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, quantize_model, save_quantizer, step_summary
 from squat_cli.quant.gobo import gobo_outlier_shares
@@ -30,6 +30,7 @@ from squat_cli.runs import (
     atomic_dir,
     ensure_writable,
     environment,
+    user_path,
     variant_name,
     write_json,
     write_text,
@@ -194,6 +195,7 @@ def finetune(recipe: Recipe, runs_root: Path, force: bool = False, reporter: Opt
     acc = make_accelerator(recipe.train.precision, report_to=recipe.train.report_to, log_dir=run.path / "tensorboard")
     seed_everything(recipe.train.seed)
     model = load_model(recipe.model.name_or_path, task, recipe.model.trust_remote_code)
+    check_vocab(model, tokenizer, recipe.model.name_or_path)
     extra = {"method": "fp", "wbits": 32, "abits": 32, "seed": recipe.train.seed, "model": recipe.model.name_or_path}
     metrics = _train_and_save(run, recipe, acc, model, tokenizer, data, "fp", resuming, reporter, extra,
                               {"model": recipe.model.name_or_path}, started=started)
@@ -239,6 +241,7 @@ def quantize(
     teacher, teacher_dir = (load_teacher(recipe.distill, src, task) if recipe.distill is not None else (None, None))
     seed_everything(recipe.train.seed)
     model = load_model(str(src.model_dir), task)
+    check_vocab(model, tokenizer, str(src.model_dir))
     bits, method_info = None, {}
     if teacher is not None:
         check_teacher(teacher, model, str(teacher_dir))
@@ -272,7 +275,7 @@ def quantize(
 
 def load_teacher(cfg, src: RunDir, task: GlueTask):
     """The distillation teacher: ``distill.teacher``'s model folder, else the FP run's model. One-line errors."""
-    folder = Path(cfg.teacher).expanduser() if cfg.teacher else src.model_dir
+    folder = user_path(cfg.teacher, "distill.teacher") if cfg.teacher else src.model_dir
     if not (folder / "config.json").is_file():
         raise RecipeError(f"distill.teacher: {folder} holds no model (no config.json)")
     return load_model(str(folder), task), folder

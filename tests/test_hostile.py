@@ -191,3 +191,93 @@ def test_absurd_grids_are_refused_fast_and_duplicates_planned_once(tmp_path, mon
                     .replace("seeds: [1]", "seeds: [1, 1]").replace("methods: [lsq]", "methods: [lsq, lsq]"))
     res = runner.invoke(app, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0 and "plan: 2 jobs" in res.output
+
+
+def _pair_dir(tmp_path, glue_dir, task_dir, rows):
+    """A GLUE folder holding one task whose train/dev files have the given extra rows (same layout)."""
+    d = tmp_path / "glue"
+    shutil.copytree(glue_dir / task_dir, d / task_dir)
+    for split in ("train", "dev"):
+        f = d / task_dir / f"{split}.tsv"
+        f.write_text(f.read_text(encoding="utf-8").rstrip("\n") + "\n" + rows + "\n", encoding="utf-8")
+    return d
+
+
+def test_unicode_line_separators_inside_a_sentence_are_text(tmp_path, glue_dir, tiny_bert):
+    """U+2028, NEL and a form feed inside a sentence do not split GLUE's row (rows end at \\n only)."""
+    from squat_cli.data import read_tsv
+    from squat_cli.glue import get_task
+
+    odd = "4000\tA sentence\u2028with a line separator,\x85a NEL\x0cand a form feed.\tAnother one.\tentailment"
+    d = _pair_dir(tmp_path, glue_dir, "RTE", odd)
+    ex = read_tsv(get_task("rte"), d / "RTE" / "dev.tsv")
+    assert ex.text_a[-1] == "A sentence\u2028with a line separator,\x85a NEL\x0cand a form feed."
+    res = runner.invoke(app, ["finetune", "--model", str(tiny_bert), "--task", "rte", "--data-dir", str(d),
+                              "--out", str(tmp_path / "r"), *FAST[:-4]])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_huge_line_is_cut_before_tokenising(tmp_path, minilm_dir):
+    """Two 100 KB fields: each text is cut to 16 tokens' worth of characters per position before the tokenizer
+    sees it (it would otherwise build a pair of 20,000-token lists to truncate)."""
+    from squat_cli.data import CHARS_PER_TOKEN, Examples, encode
+    from squat_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(minilm_dir))
+    seen = []
+    orig = type(tok).__call__
+
+    def spy(self, a, b=None, **kw):
+        seen.append(max(len(t) for t in [*a, *(b or [])]))
+        return orig(self, a, b, **kw)
+
+    type(tok).__call__ = spy
+    try:
+        long = "word " * 20_000
+        enc = encode(Examples([long, "short"], [long, "also short"], [0, 1], "x:long"), tok, 64, False, use_cache=False)
+    finally:
+        type(tok).__call__ = orig
+    assert seen == [CHARS_PER_TOKEN * 64]
+    assert int(enc.offsets[1] - enc.offsets[0]) == 64  # still a full sequence
+
+
+@pytest.mark.parametrize("length,message", [(1, "cannot hold a sentence pair"), (4, "cannot hold a sentence pair")])
+def test_lengths_that_cannot_hold_the_special_tokens(tmp_path, glue_dir, tiny_bert, length, message):
+    res = runner.invoke(app, ["finetune", "--model", str(tiny_bert), "--task", "rte", "--data-dir", str(glue_dir),
+                              "--out", str(tmp_path / "r"), "--set", f"data.max_seq_length={length}"])
+    one_line(res, f"data.max_seq_length: {length} {message}")
+    assert not (tmp_path / "r" / "rte").exists()
+
+
+def test_a_correlation_needs_two_examples(tmp_path, glue_dir, tiny_bert):
+    res = runner.invoke(app, ["finetune", "--model", str(tiny_bert), "--task", "stsb", "--data-dir", str(glue_dir),
+                              "--out", str(tmp_path / "r"), "--set", "data.eval_subset=1"])
+    one_line(res, "a correlation (pearson, spearmanr) needs at least two")
+
+
+def test_models_that_do_not_fit_are_refused(tmp_path, glue_dir, tiny_bert, minilm_dir):
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_bert, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta",
+                                                   "architectures": ["RobertaForSequenceClassification"]}))
+    base = ["finetune", "--task", "rte", "--data-dir", str(glue_dir), "--out", str(tmp_path / "r"), *FAST[:-4]]
+    one_line(runner.invoke(app, [*base, "--model", str(wrong)]), "encoder weights of the roberta model")
+    small = tmp_path / "small"
+    shutil.copytree(tiny_bert, small)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(**{**cfg, "vocab_size": 100})).save_pretrained(small)
+    one_line(runner.invoke(app, [*base, "--model", str(small)]), "the model's word embeddings have 100 rows")
+    one_line(runner.invoke(app, [*base, "--model", "my model"]), "not a valid hub id")
+    for flag in ("--model", "--data-dir", "--out"):
+        args = [*base, "--model", str(tiny_bert)]
+        args[args.index(flag) + 1] = "~nosuchuser/x"
+        one_line(runner.invoke(app, args), "names no user on this machine")
+    res = runner.invoke(app, [*base, "--model", str(tiny_bert)], env={"SQUAT_CACHE_DIR": "~nosuchuser/c"})
+    one_line(res, "SQUAT_CACHE_DIR '~nosuchuser/c': ~nosuchuser names no user")
+    (tmp_path / "afile").write_text("x")
+    args = [*base, "--model", str(tiny_bert)]
+    args[args.index("--data-dir") + 1] = str(tmp_path / "afile")
+    one_line(runner.invoke(app, args), "is a file, not a folder")
+    assert not (tmp_path / "r" / "rte").exists()
