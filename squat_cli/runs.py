@@ -100,6 +100,33 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged(folder: Path | str, name: str = "report") -> Iterator[Path]:
+    """Write a set of files as one: the block writes into ``folder/.NAME.tmp-PID``; on success every file moves
+    into ``folder`` with SIGINT and SIGTERM held back until the last is in place, so an interruption leaves the
+    old set or the new one, never a mix. Other files in ``folder`` are left alone."""
+    import signal
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale(folder / name)
+    stage = folder / f".{name}.tmp-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        yield stage
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for f in sorted(stage.iterdir()):
+                os.replace(f, folder / f.name)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def ensure_writable(root: Path | str) -> None:
     """Check, before any model or data loads and without creating anything, that ``root`` can hold runs:
     no part of it is a file, no name is too long, and its nearest existing folder is writable."""

@@ -281,3 +281,48 @@ def test_models_that_do_not_fit_are_refused(tmp_path, glue_dir, tiny_bert, minil
     args[args.index("--data-dir") + 1] = str(tmp_path / "afile")
     one_line(runner.invoke(app, args), "is a file, not a folder")
     assert not (tmp_path / "r" / "rte").exists()
+
+
+def _fake_runs(root):
+    """Run folders with small files only, enough for every table and figure of a report."""
+    for variant, values in (("lsq-w2a8", (0.60, 0.62, 0.61)), ("squat-w2a8", (0.63, 0.64, 0.60)),
+                            ("joint-w2a8", (0.64, 0.61, 0.62))):
+        for seed, v in enumerate(values, 1):
+            d = root / "rte" / variant / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"task": "rte", "accuracy": v, "steps": 10,
+                                                        "train_time_s": 10.0 * seed}))
+            (d / "recipe.yaml").write_text("model: {name_or_path: bert-base-uncased}\n")
+            (d / "sharpness.json").write_text(json.dumps({"ascent/rho=0.05": {"score": 0.1 * seed, "loss0": 0.3}}))
+    return root
+
+
+def test_an_interrupted_report_leaves_the_previous_set(tmp_path, monkeypatch):
+    import squat_cli.report.build as B
+
+    runs = _fake_runs(tmp_path / "runs")
+    reports = tmp_path / "rep"
+    reports.mkdir()
+    (reports / "README.md").write_text("a page that lives here")
+    assert runner.invoke(app, ["report", "results", "--out", str(runs), "--reports", str(reports)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    (runs / "rte" / "lsq-w2a8" / "seed1" / "metrics.json").write_text(json.dumps(
+        {"task": "rte", "accuracy": 0.1, "steps": 10, "train_time_s": 10.0}))  # the tables would change
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "figure_pairs", interrupted)  # after the tables and two figures were written
+    res = runner.invoke(app, ["report", "results", "--out", str(runs), "--reports", str(reports)])
+    assert res.exit_code == 130 and "interrupted" in res.output
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before  # the old set, whole; no temporaries
+
+
+def test_a_full_disk_during_report_names_the_file(tmp_path):
+    runs = _fake_runs(tmp_path / "runs")
+    proc = _cli(["report", "results", "--out", str(runs), "--reports", str(tmp_path / "rep")], preexec=_fsize(4096))
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(tmp_path / "rep") in last and "File too large" in last, proc.stderr
+    assert ".tmp-" not in last and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "rep").iterdir())  # nothing of the set was written

@@ -14,7 +14,7 @@ from squat_cli.report.figures import figure2, figure3, figure_pairs
 from squat_cli.report.stepsizes import step_size_markdown, step_size_table
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
 from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
-from squat_cli.runs import write_text
+from squat_cli.runs import staged, write_text
 
 SAM_QUANTIZED = names_where(uses_sam=True, quantizes=True)
 """The quantized methods whose runs take a SAM radius (the paper's rho)."""
@@ -117,49 +117,49 @@ def write_report(runs_root: Path, folder: Path, note: Optional[str] = None, grid
     col = collect(runs_root)
     tables = build_tables(col.results)
     header = setup_differences(col)
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = ["# squat results", ""]
-    if note:
-        parts += [f"> {note}", ""]
-    if header:
-        parts += ["**This grid differs from the paper's setup** — do not compare it as a replication:", ""]
-        parts += [f"- {line}" for line in header] + [""]
-    elif not col.results.empty:
-        parts += ["Setup matches the paper's (model, epochs, data, bits, seeds).", ""]
-    parts += ["Metrics in percent; `paper` is the published number, `Δ` ours minus paper; "
-              "`n` counts seeds; `-` marks a missing run.", ""]
-    for t in tables:
-        md = to_markdown(t)
-        write_text(folder / f"{t.name}.md", md)
-        write_text(folder / f"{t.name}.csv", to_csv(t))
-        parts += [md, ""]
-    agg = aggregate(col.results)
-    figures = []
-    if figure2(agg, folder / "fig2_sharpness.png"):
-        figures.append(folder / "fig2_sharpness.png")
-    claims, pair_tables = claim_summaries(col.results)
-    if figure3(pair_tables, folder / "fig3_joint_vs_alternate.png"):
-        figures.append(folder / "fig3_joint_vs_alternate.png")
-    parts += [f"![{p.stem}]({p.name})" for p in figures]
-    if figure_pairs(pair_tables, folder / "fig_pairs.png"):
-        figures.append(folder / "fig_pairs.png")
-        parts += ["![fig_pairs](fig_pairs.png)"]
-    if claims:
-        verdicts = all_verdicts(col.results, grid_seeds, grid_tasks)
-        md = (verdicts_markdown(verdicts, grid_seeds, grid_tasks) + "\n" + claims_markdown(claims, cost_table(col.results))
-              + "\n" + per_seed_markdown(pair_tables))
-        write_text(folder / "claims.md", md)
-        write_text(folder / "pairs.csv", pairs_csv(pair_tables))
-        parts += ["", md]
-    steps_md = step_size_markdown(step_size_table(col.results))
-    if steps_md:
-        write_text(folder / "stepsizes.md", steps_md)
-        parts += ["", steps_md]
-    compute_md = compute_markdown(compute_table(col.results))
-    if compute_md:
-        write_text(folder / "compute.md", compute_md)
-        parts += ["", compute_md]
-    if col.skipped:
-        parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
-    write_text(folder / "report.md", "\n".join(parts) + "\n")
+    with staged(folder) as stage:  # the whole set or nothing: an interruption leaves the previous report
+        parts = ["# squat results", ""]
+        if note:
+            parts += [f"> {note}", ""]
+        if header:
+            parts += ["**This grid differs from the paper's setup** — do not compare it as a replication:", ""]
+            parts += [f"- {line}" for line in header] + [""]
+        elif not col.results.empty:
+            parts += ["Setup matches the paper's (model, epochs, data, bits, seeds).", ""]
+        parts += ["Metrics in percent; `paper` is the published number, `Δ` ours minus paper; "
+                  "`n` counts seeds; `-` marks a missing run.", ""]
+        for t in tables:
+            md = to_markdown(t)
+            write_text(stage / f"{t.name}.md", md)
+            write_text(stage / f"{t.name}.csv", to_csv(t))
+            parts += [md, ""]
+        agg = aggregate(col.results)
+        figures = []
+        if figure2(agg, stage / "fig2_sharpness.png"):
+            figures.append(folder / "fig2_sharpness.png")
+        claims, pair_tables = claim_summaries(col.results)
+        if figure3(pair_tables, stage / "fig3_joint_vs_alternate.png"):
+            figures.append(folder / "fig3_joint_vs_alternate.png")
+        parts += [f"![{p.stem}]({p.name})" for p in figures]
+        if figure_pairs(pair_tables, stage / "fig_pairs.png"):
+            figures.append(folder / "fig_pairs.png")
+            parts += ["![fig_pairs](fig_pairs.png)"]
+        if claims:
+            verdicts = all_verdicts(col.results, grid_seeds, grid_tasks)
+            md = (verdicts_markdown(verdicts, grid_seeds, grid_tasks) + "\n" + claims_markdown(claims, cost_table(col.results))
+                  + "\n" + per_seed_markdown(pair_tables))
+            write_text(stage / "claims.md", md)
+            write_text(stage / "pairs.csv", pairs_csv(pair_tables))
+            parts += ["", md]
+        steps_md = step_size_markdown(step_size_table(col.results))
+        if steps_md:
+            write_text(stage / "stepsizes.md", steps_md)
+            parts += ["", steps_md]
+        compute_md = compute_markdown(compute_table(col.results))
+        if compute_md:
+            write_text(stage / "compute.md", compute_md)
+            parts += ["", compute_md]
+        if col.skipped:
+            parts += ["", "### Skipped runs", ""] + [f"- `{w}`: {why}" for w, why in col.skipped]
+        write_text(stage / "report.md", "\n".join(parts) + "\n")
     return Report(folder, tables, header, col.skipped, figures, note)

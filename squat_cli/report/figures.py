@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from squat_cli.glue import PAPER_TASKS, TASKS
-from squat_cli.runs import atomic_path
+from squat_cli.runs import atomic_path, write_failure
 
 
 def pyplot():
@@ -22,7 +22,10 @@ def pyplot():
 
 def save_png(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        try:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        except OSError as exc:  # disk full, file-size limit: name the file
+            raise write_failure(path, exc) from None
 
 
 def _bars(ax, tasks, series: dict[str, tuple[list[float], list[float]]]) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 from squat_cli.errors import SquatError
 from squat_cli.glue import TASKS
 from squat_cli.quant.methods import names_where
-from squat_cli.runs import discover, read_json, write_text
+from squat_cli.runs import discover, read_json, staged, write_text
 from squat_cli.yaml_safe import read_yaml
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),
@@ -104,6 +104,7 @@ def write_search(root: Path, folder: Path) -> pd.DataFrame:
     """``search.csv`` and ``search.md`` in ``folder``; returns the rows."""
     df = search_rows(root)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "search.csv", df.to_csv(index=False, float_format="%.6g"))
-    write_text(folder / "search.md", search_markdown(df))
+    with staged(folder, "search") as stage:
+        write_text(stage / "search.csv", df.to_csv(index=False, float_format="%.6g"))
+        write_text(stage / "search.md", search_markdown(df))
     return df

@@ -29,7 +29,7 @@ from squat_cli.glue import TASKS
 from squat_cli.report.claims import bootstrap_ci, pairs
 from squat_cli.report.collect import collect
 from squat_cli.report.figures import pyplot, save_png
-from squat_cli.runs import write_text
+from squat_cli.runs import staged, write_text
 
 SHARP_KEYS = ("ascent/rho=0.01", "ascent/rho=0.05")
 RUN_COLUMNS = ["method", "task", "wbits", "abits", "seed", "value", "train_time_s", *SHARP_KEYS, "short"]
@@ -282,9 +282,9 @@ def write_variants(root: Path, reference: Path | Sequence[Path], folder: Path, t
     results = variant_results(root, reference, (target, baseline), timing)
     runs = run_table(results)
     found = verdicts(results, target, baseline, goal)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "variants.csv", runs.to_csv(index=False, float_format="%.6g"))
-    write_text(folder / "variants.md", variants_markdown(runs, found, target, baseline, goal,
-                                                         reference_note(results, timing)))
-    variants_figure(runs, folder / "variants.png", target, baseline)
+    with staged(folder, "variants") as stage:
+        write_text(stage / "variants.csv", runs.to_csv(index=False, float_format="%.6g"))
+        write_text(stage / "variants.md", variants_markdown(runs, found, target, baseline, goal,
+                                                            reference_note(results, timing)))
+        variants_figure(runs, stage / "variants.png", target, baseline)
     return found
