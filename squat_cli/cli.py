@@ -38,7 +38,7 @@ def _summary(title: str, metrics: dict, run_path: Path, skipped: bool) -> None:
     for key in ("task", "method", "wbits", "abits", "seed"):
         if key in metrics:
             table.add_row(key, str(metrics[key]))
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
 
     task = get_task(metrics.get("task", "cola"))
     for key in task.metric_names():

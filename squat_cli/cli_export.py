@@ -1,4 +1,5 @@
-"""The ``squat export`` and ``squat evaluate`` commands: ship a trained run, and score what was shipped."""
+"""The ``squat export``, ``squat evaluate`` and ``squat predict`` commands: ship a trained run, score what was
+shipped, and run it on new text."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from squat_cli.cli_base import DataOpt, _fail, _run, app, console
+from squat_cli.cli_base import DataOpt, _fail, _run, app, console, err_console
 from squat_cli.export.formats import FORMATS, get_format
 
 
@@ -65,7 +66,7 @@ def evaluate(
 ) -> None:
     """Score an exported model (or a run) on its task's dev sets, as the run itself was scored."""
     from squat_cli.evaluation import evaluate_path
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
 
     res = _run(evaluate_path, path, str(data_dir) if data_dir else None, out, precision)
     m, ref = res.metrics, res.reference or {}
@@ -81,3 +82,31 @@ def evaluate(
         table.add_row(key, mine, "" if theirs is None else (f"{theirs:.4f}" if key == "eval_loss" else f"{100 * theirs:.2f}"))
     console.print(table)
     console.print(f"metrics: {res.written}", highlight=False)
+
+
+@app.command(epilog="Example: squat predict runs/rte/lsq-w4a8/seed1/export/onnx --input new.csv --output preds.jsonl")
+def predict(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder, a packed export or an ONNX export."),
+    input_: str = typer.Option("-", "--input", "-i", help="CSV, TSV or JSON Lines with the task's text columns "
+                               "(other columns pass through); - reads stdin (JSON Lines unless --input-format)."),
+    output: str = typer.Option("-", "--output", "-o", help="JSON Lines of predictions; - writes stdout."),
+    input_format: Optional[str] = typer.Option(None, "--input-format", help="csv, tsv or jsonl (default: by the "
+                                               "input's suffix)."),
+) -> None:
+    """Label new text: one JSON line per input row with the label and class probabilities (or the score)."""
+    import sys
+
+    from squat_cli.predict import predict_file
+
+    progress = None
+    if sys.stderr.isatty():  # a count on long inputs, quiet when piped
+        from squat_cli.progress import RowCounter
+
+        progress = RowCounter(err_console)
+    try:
+        n = _run(predict_file, model, input_, output, input_format, progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if output != "-":
+        err_console.print(f"{n} rows -> {output}", highlight=False)

@@ -199,7 +199,11 @@ def load_hub_split(task: GlueTask, hub_split: str) -> Examples:
 
 
 def load_split(task: GlueTask, split: str, data_dir: Optional[Path], source: str = "auto") -> Examples:
-    """``split`` is ``train`` or one of ``task.dev_splits``."""
+    """``split`` is ``train`` or one of ``task.dev_splits``; a user task reads its own files (``task_file``)."""
+    if task.spec is not None:
+        from squat_cli.task_file import read_split
+
+        return read_split(task, split)
     if source == "local" and data_dir is None:
         raise DataError(f"data.source is local but no data folder is given; pass --data-dir or set {DATA_DIR_ENV}")
     if data_dir is not None and source != "hub":

@@ -17,9 +17,8 @@ import torch
 
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
-from squat_cli.export.folder import MANIFEST_FILE, source_settings
+from squat_cli.export.folder import MANIFEST_FILE, source_settings, source_task
 from squat_cli.export.formats import FORMATS, detect
-from squat_cli.glue import get_task
 from squat_cli.runs import RunDir, write_json
 from squat_cli.task_data import dev_sets
 
@@ -40,11 +39,26 @@ def _autocast(precision: str) -> Callable:
     return contextlib.nullcontext
 
 
-def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path] = None,
-                  precision: Optional[str] = None) -> Scored:
-    """Load what ``path`` holds, score it on the dev sets, write the metrics (default ``<folder>/eval_metrics.json``).
+@dataclass
+class Scorable:
+    """A model ready to score text as its run scored its dev sets: the runner, its tokenizer and task, and the
+    run's settings (data, batch size, precision)."""
 
-    ``precision`` (``fp32`` or ``bf16``) overrides the run's evaluation precision; ONNX graphs run in FP32."""
+    model: Any
+    tokenizer: Any
+    task: Any
+    settings: dict[str, Any]
+    reference: Optional[dict[str, Any]]
+    folder: Path
+    kind: str
+
+    def autocast(self) -> Callable:
+        return _autocast(self.settings["precision"])
+
+
+def open_scorable(path: Path, precision: Optional[str] = None) -> Scorable:
+    """A run folder, a packed export or an ONNX export, loaded and checked. ``precision`` (``fp32`` or ``bf16``)
+    overrides the run's evaluation precision; ONNX graphs run in FP32."""
     if precision not in (None, "fp32", "bf16"):
         raise RunError(f"--precision: {precision!r} is not one of fp32, bf16")
     path = Path(path)
@@ -70,7 +84,18 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
         reference = settings.get("dev_metrics")
     if precision is not None and (kind == "run" or FORMATS[kind].runs_in is None):
         settings = {**settings, "precision": precision}
-    task = get_task(settings["task"])
+    task = source_task(settings)  # a user task's definition is stored inline in its data settings
+    return Scorable(model, tokenizer, task, settings, reference, folder, kind)
+
+
+def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path] = None,
+                  precision: Optional[str] = None) -> Scored:
+    """Load what ``path`` holds, score it on the dev sets, write the metrics (default ``<folder>/eval_metrics.json``).
+
+    ``precision`` (``fp32`` or ``bf16``) overrides the run's evaluation precision; ONNX graphs run in FP32."""
+    s = open_scorable(path, precision)
+    model, tokenizer, task, settings, folder, kind = s.model, s.tokenizer, s.task, s.settings, s.folder, s.kind
+    path = Path(path)
     dev = dev_sets(task, settings["data"], tokenizer, data_dir)
     m = evaluate(model, task, dev, int(settings["eval_batch_size"]), tokenizer.pad_token_id, torch.device("cpu"),
                  _autocast(settings["precision"]))
@@ -79,4 +104,4 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
                "evaluated": str(path), "format": kind, "precision": settings["precision"]}
     written = Path(out) if out is not None else folder / EVAL_FILE
     write_json(written, metrics)
-    return Scored(metrics, written, reference)
+    return Scored(metrics, written, s.reference)

@@ -49,6 +49,8 @@ class GlueTask:
     display: str
     score_range: Optional[tuple[float, float]] = None
     """Regression only: the range every gold score lies in (STS-B: 0 to 5)."""
+    spec: Optional[str] = None
+    """A user task's definition (JSON of ``task_file.TaskSpec``); None for GLUE's tasks."""
 
     @property
     def is_regression(self) -> bool:

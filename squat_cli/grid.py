@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from squat_cli.errors import RecipeError
-from squat_cli.glue import get_task
 from squat_cli.quant.methods import METHODS, MIXED_RE, get_method, is_known, split_kd
 from squat_cli.recipe import DISTILL_DEFAULTS, QUANTIZE_DEFAULTS, Recipe, apply_overrides, merge_sections, recipe_from_dict
 from squat_cli.sharpness_settings import SharpnessSettings
+from squat_cli.tasks import get_task, task_ref
 from squat_cli.typed import build
 from squat_cli.yaml_safe import read_yaml
 
@@ -85,7 +85,7 @@ class Grid:
 
     def fp_recipe(self, task: str, seed: int, data_dir: Optional[str] = None) -> Recipe:
         d = copy.deepcopy(self.finetune)
-        over = {"data.task": task, "train.seed": seed}
+        over = {"data.task": task_ref(task), "train.seed": seed}
         if data_dir:
             over["data.data_dir"] = data_dir
         return recipe_from_dict(apply_overrides(d, over)).complete()
@@ -108,7 +108,7 @@ class Grid:
             apply_overrides(d, dict(self.settings[setting]))
         if not kd:
             d.pop("distill", None)
-        over = {"data.task": task, "train.seed": seed, "quant.method": base, "quant.wbits": wbits,
+        over = {"data.task": task_ref(task), "train.seed": seed, "quant.method": base, "quant.wbits": wbits,
                 "quant.abits": 32 if get_method(method).weight_only else self.sweep.abits}
         mixed = MIXED_RE.match(base)
         if mixed:  # qbert-mp<H>: Q-BERT with mixed precision W/H

@@ -12,21 +12,29 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from squat_cli.glue import GlueTask
 
 
+def _f1(labels: np.ndarray, preds: np.ndarray, classes: int) -> float:
+    """Binary F1 of class 1 for two classes (GLUE's MRPC and QQP); macro F1 over the classes beyond."""
+    if classes <= 2:
+        return float(f1_score(y_true=labels, y_pred=preds))
+    return float(f1_score(y_true=labels, y_pred=preds, average="macro", labels=list(range(classes))))
+
+
+METRIC_FUNCTIONS = {
+    "accuracy": lambda y, p, k: float((p == y).mean()),
+    "f1": _f1,
+    "matthews_correlation": lambda y, p, k: float(matthews_corrcoef(y, p)),
+    "pearson": lambda y, p, k: float(pearsonr(p, y)[0]),
+    "spearmanr": lambda y, p, k: float(spearmanr(p, y)[0]),
+}
+"""squat's metric set: name -> (labels, predictions, class count) -> value."""
+
+
 def split_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of one dev split. ``preds`` are class ids, or scores for STS-B."""
+    """The task's metrics on one dev split. ``preds`` are class ids, or scores for regression."""
     preds = np.asarray(preds)
     labels = np.asarray(labels)
-    if task.name == "cola":
-        return {"matthews_correlation": float(matthews_corrcoef(labels, preds))}
-    if task.name == "stsb":
-        return {
-            "pearson": float(pearsonr(preds, labels)[0]),
-            "spearmanr": float(spearmanr(preds, labels)[0]),
-        }
-    out = {"accuracy": float((preds == labels).mean())}
-    if task.name in ("mrpc", "qqp"):
-        out["f1"] = float(f1_score(y_true=labels, y_pred=preds))
-    return out
+    names = dict.fromkeys(m.removesuffix("_mm") for m in task.metric_names())
+    return {m: METRIC_FUNCTIONS[m](labels, preds, task.num_labels) for m in names}
 
 
 def task_metrics(task: GlueTask, by_split: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:

@@ -69,3 +69,19 @@ class RichReporter(Reporter):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class RowCounter:
+    """Rows scored so far, on stderr (``squat predict`` on a terminal); a callable taking the count."""
+
+    def __init__(self, console: Optional[Console] = None):
+        self.progress = Progress(TextColumn("predict"), TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
+                                 console=console or Console(stderr=True), transient=True)
+        self.task = self.progress.add_task("rows", total=None)
+        self.progress.start()
+
+    def __call__(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
+
+    def stop(self) -> None:
+        self.progress.stop()

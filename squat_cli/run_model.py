@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from squat_cli.errors import RunError
-from squat_cli.glue import get_task
 from squat_cli.models import load_model, load_tokenizer
 from squat_cli.quant.convert import load_quantizer, quantize_model
 from squat_cli.quant.methods import get_method
 from squat_cli.recipe import recipe_from_dict
 from squat_cli.runs import RunDir, parse_variant
+from squat_cli.tasks import get_task
 from squat_cli.yaml_safe import read_yaml
 
 

@@ -283,8 +283,10 @@ class RunDir:
             recipe = recipe_from_dict(read_yaml(self.recipe_file)).complete()
         except SquatError as exc:
             raise RunError(f"{self.recipe_file}: {exc}") from None
+        from squat_cli.tasks import task_name
+
         variant = "fp" if recipe.quant is None else variant_name(*recipe.variant_parts())
-        return recipe.data.task, variant, recipe.train.seed
+        return task_name(recipe.data.task), variant, recipe.train.seed
 
     @property
     def task(self) -> str:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from squat_cli.errors import SquatError
-from squat_cli.glue import get_task
 from squat_cli.grid import Grid, is_grid_recipe, load_grid  # noqa: F401  (the sweep's entry points)
 from squat_cli.quant.methods import get_method
 from squat_cli.recipe import Recipe, recipe_from_dict
 from squat_cli.runs import RunDir, variant_name
 from squat_cli.sharpness_settings import SharpnessSettings
+from squat_cli.tasks import get_task
 from squat_cli.yaml_safe import read_yaml
 
 # ---------------------------------------------------------------- planning

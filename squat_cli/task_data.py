@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from squat_cli.data import Encoded, encode, load_split, resolve_data_dir, subset
 from squat_cli.errors import DataError, RecipeError
-from squat_cli.glue import GlueTask, get_task
+from squat_cli.glue import GlueTask
+from squat_cli.tasks import get_task
 
 
 @dataclass

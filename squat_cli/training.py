@@ -16,7 +16,7 @@ from squat_cli.allocator import tune_allocator
 from squat_cli.batching import train_loader
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
-from squat_cli.glue import GlueTask, get_task
+from squat_cli.glue import GlueTask
 from squat_cli.models import check_vocab, load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
 from squat_cli.quant.convert import calibrate, quantize_model, save_quantizer, step_summary
@@ -36,6 +36,7 @@ from squat_cli.runs import (
     write_text,
 )
 from squat_cli.task_data import TaskData, load_task_data
+from squat_cli.tasks import get_task
 from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint
 from squat_cli.train.distill import check_teacher, use_score_attention
 from squat_cli.train.loop import FitResult, fit, make_accelerator, seed_everything

@@ -56,6 +56,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         real = [a for a in args if a is not type(None)]
         if len(real) == 1:
             return _coerce(key, real[0], value)
+        classes = [a for a in real if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(classes) == 1:  # a mapping can only mean the section: say what is wrong
+            return build(classes[0], value, key)
         for arg in args:
             if arg is type(None):
                 continue

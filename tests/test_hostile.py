@@ -206,7 +206,7 @@ def _pair_dir(tmp_path, glue_dir, task_dir, rows):
 def test_unicode_line_separators_inside_a_sentence_are_text(tmp_path, glue_dir, tiny_bert):
     """U+2028, NEL and a form feed inside a sentence do not split GLUE's row (rows end at \\n only)."""
     from squat_cli.data import read_tsv
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
 
     odd = "4000\tA sentence\u2028with a line separator,\x85a NEL\x0cand a form feed.\tAnother one.\tentailment"
     d = _pair_dir(tmp_path, glue_dir, "RTE", odd)

@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from squat_cli.glue import get_task
 from squat_cli.metrics import task_metrics
+from squat_cli.tasks import get_task
 
 rng = np.random.RandomState(0)
 Y = rng.randint(0, 2, 200)

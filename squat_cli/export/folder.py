@@ -117,8 +117,8 @@ def source_settings(manifest: dict[str, Any], file: Path) -> dict[str, Any]:
     """The manifest's ``source_run`` checked as a recipe would be (task, data settings, batch size, precision):
     what ``squat evaluate`` scores the export with. One line naming the key on anything wrong."""
     from squat_cli.errors import SquatError
-    from squat_cli.glue import get_task
     from squat_cli.recipe import recipe_from_dict
+    from squat_cli.tasks import get_task
 
     src = manifest.get("source_run")
     if not isinstance(src, dict):
@@ -129,13 +129,22 @@ def source_settings(manifest: dict[str, Any], file: Path) -> dict[str, Any]:
     if not isinstance(src["data"], dict):
         raise RunError(f"{file}: source_run.data is not a mapping")
     try:
-        get_task(str(src["task"]))
-        recipe_from_dict({"data": {**src["data"], "task": src["task"]},
+        ref = src["data"].get("task") if isinstance(src["data"].get("task"), dict) else src["task"]
+        get_task(ref)
+        recipe_from_dict({"data": {**src["data"], "task": ref},
                           "train": {"eval_batch_size": src["eval_batch_size"], "precision": src["precision"]}}
                          ).complete()
     except SquatError as exc:
         raise RunError(f"{file}: source_run: {exc}") from None
     return src
+
+
+def source_task(src: dict[str, Any]):
+    """The task of a manifest's (checked) ``source_run``: a user task's definition is stored in its data."""
+    from squat_cli.tasks import get_task
+
+    ref = src["data"].get("task")
+    return get_task(ref if isinstance(ref, dict) else src["task"])
 
 
 def check_destination(out: Path) -> None:

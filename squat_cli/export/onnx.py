@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from squat_cli.errors import RunError
+from squat_cli.export.card import model_card
 from squat_cli.export.codes import ExportError, encode_weight
 from squat_cli.export.folder import (
     check_destination,
@@ -43,11 +44,12 @@ from squat_cli.export.folder import (
     run_facts,
     seal,
     source_settings,
+    source_task,
 )
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json
+from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json, write_text
 
 FORMAT = "squat-onnx"
 FORMAT_VERSION = 2
@@ -241,6 +243,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                     "sha256": sha256_file(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
                     "source_run": facts,
                     "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
+        write_text(tmp / "README.md", model_card("onnx", facts, recipe, task, manifest["size"]))
         manifest = seal(manifest, tmp)
         write_json(tmp / "manifest.json", manifest)
     return manifest
@@ -272,7 +275,6 @@ class OrtModel(nn.Module):
 def load_onnx(path: Path, threads: Optional[int] = None):
     """(model-like runner, tokenizer, manifest) of an ONNX export folder or its ``model.onnx``."""
     _, ort = _need_onnx()
-    from squat_cli.glue import get_task
     from squat_cli.models import load_tokenizer
 
     path = Path(path)
@@ -282,8 +284,7 @@ def load_onnx(path: Path, threads: Optional[int] = None):
     model_file = folder / plain_name(manifest, "model_file", file)
     if path.is_file() and path.name != model_file.name:
         raise RunError(f"{path}: not the graph its folder's manifest names ({model_file.name})")
-    src = source_settings(manifest, file)
-    task = get_task(src["task"])
+    task = source_task(source_settings(manifest, file))
     opts = session_options(ort)
     if threads:
         opts.intra_op_num_threads = threads

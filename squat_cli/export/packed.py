@@ -20,10 +20,11 @@ from typing import Any, Optional
 import torch
 
 from squat_cli.errors import RunError
+from squat_cli.export.card import model_card
 from squat_cli.export.codes import ExportError, act_state, encode_weight
 from squat_cli.export.folder import MANIFEST_FILE, check_destination, check_exportable, run_facts, seal
 from squat_cli.quant.qlinear import is_quantizer_key, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, save_tensors, sha256_file, write_json
+from squat_cli.runs import RunDir, atomic_dir, save_tensors, sha256_file, write_json, write_text
 
 FORMAT = "squat-packed"
 FORMAT_VERSION = 2
@@ -99,6 +100,7 @@ def export_packed(run_path: Path, to: Optional[Path] = None) -> dict[str, Any]:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
                     "sha256": sha256_file(tmp / WEIGHTS_FILE), "source_run": facts,
                     "model_type": model.config.model_type, "layers": layers, "size": size}
+        write_text(tmp / "README.md", model_card("packed", facts, recipe, task, size))
         manifest = seal(manifest, tmp)
         write_json(tmp / MANIFEST_FILE, manifest)
     return manifest

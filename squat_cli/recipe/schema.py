@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from squat_cli.errors import RecipeError
 from squat_cli.quant.methods import KD_SUFFIX, METHODS, get_method, names_where
+from squat_cli.task_file import TaskSpec, looks_like_file, read_spec_file
 from squat_cli.typed import build
 
 _MIXED_RE = re.compile(r"^\d+/\d+$")
@@ -37,7 +38,9 @@ class ModelConfig:
 class DataConfig:
     """GLUE task and how its examples are read and tokenised."""
 
-    task: str = "cola"
+    task: Union[str, TaskSpec] = "cola"
+    """A GLUE task's name, a task file (``my-task.yaml``), or a task defined inline (``task_file.TaskSpec``);
+    a task file is stored inline (absolute paths) once the recipe is resolved."""
     data_dir: Optional[str] = None
     """Folder in GLUE's original layout; falls back to ``$SQUAT_DATA_DIR``, then the hub."""
     source: Literal["auto", "local", "hub"] = "auto"
@@ -253,6 +256,8 @@ class Recipe:
         """Fill the values other keys decide: SAM's radius by the paper's rule when unset (0.1 for W2/W3, 0.15 for
         W4 and wider), and Q-BERT mixed precision's lower bit width as ``quant.wbits``."""
         q = self.quant
+        if isinstance(self.data.task, str) and looks_like_file(self.data.task):
+            self.data.task = read_spec_file(self.data.task)
         if self.sam.rho is None:
             self.sam.rho = 0.15 if q is not None and q.wbits >= 4 else 0.1
         if q is not None and q.mixed is not None and _MIXED_RE.match(q.mixed):
@@ -261,6 +266,8 @@ class Recipe:
 
     def check(self) -> "Recipe":
         """Cross-field checks that the types alone cannot express (nothing is changed)."""
+        if isinstance(self.data.task, TaskSpec):
+            self.data.task.check("data.task")
         _positive("data.max_seq_length", self.data.max_seq_length, allow_zero=False)
         if self.data.max_seq_length > 4096:
             raise RecipeError(f"data.max_seq_length: {self.data.max_seq_length} is too large (at most 4096)")

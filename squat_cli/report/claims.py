@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from squat_cli.glue import TASKS
+from squat_cli.tasks import lookup
 
 BOOTSTRAP = 10_000
 CLAIMS = [
@@ -53,7 +53,8 @@ class Summary:
 
 
 def _main_rows(results: pd.DataFrame) -> pd.DataFrame:
-    main = {t: TASKS[t].main_metric for t in TASKS}
+    main = {t: lookup(t).main_metric for t in results.task.unique() if lookup(t) is not None} \
+        if not results.empty else {}
     return results[results.apply(lambda r: main.get(r["task"]) == r["metric"], axis=1)] if not results.empty \
         else results
 

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 
 from squat_cli.errors import SquatError
-from squat_cli.glue import TASKS
 from squat_cli.runs import discover, parse_variant, read_json
 from squat_cli.sharpness_settings import reached_edge
+from squat_cli.tasks import task_of_run
 from squat_cli.yaml_safe import read_yaml
 
 SHARPNESS_KEYS = {"table3": "ascent/rho=0.01", "table4": "ascent/rho=0.05"}
@@ -79,7 +79,8 @@ def collect(root: Path) -> Collected:
         except SquatError as exc:
             skipped.append((where, str(exc)))
             continue
-        if run.task not in TASKS:
+        task = task_of_run(run)  # GLUE's by name, or a user task from the definition the run's recipe stores
+        if task is None:
             skipped.append((where, f"unknown task folder {run.task!r}"))
             continue
         if run.is_failed():
@@ -95,7 +96,6 @@ def collect(root: Path) -> Collected:
         except SquatError as exc:
             skipped.append((where, str(exc)))
             continue
-        task = TASKS[run.task]
         missing = [k for k in task.metric_names() if not isinstance(metrics.get(k), (int, float))]
         if missing:
             skipped.append((where, f"metrics.json lacks {', '.join(missing)}"))

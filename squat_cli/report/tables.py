@@ -16,6 +16,7 @@ from squat_cli.glue import PAPER_TASKS, TASKS
 from squat_cli.quant import methods
 from squat_cli.report.collect import SHARPNESS_KEYS
 from squat_cli.report.paper import paper_value
+from squat_cli.tasks import lookup
 
 method_label = methods.label
 """Display name of a table row's method (``qbert-mp3`` at W2: ``Q-BERT MP 2/3``)."""
@@ -91,13 +92,16 @@ def _build(agg: pd.DataFrame, table: str, title: str, cells: list[tuple[str, str
 def build_tables(results: pd.DataFrame) -> list[Table]:
     agg = aggregate(results)
     main = [(t, TASKS[t].main_metric, TASKS[t].display if t != "mnli" else "MNLI-m") for t in PAPER_TASKS]
+    users = sorted({t for t in agg.task.unique() if t not in TASKS and lookup(t) is not None}) if not agg.empty else []
+    main += [(t, lookup(t).main_metric, t) for t in users]  # user tasks: their own columns, no paper number
     tables = [
         _build(agg, "table1", "Table 1: dev-set main metric (mean ± std over seeds)", main, 2),
         _build(agg, "table2", "Table 2: auxiliary metrics", AUX_COLUMNS, 2),
     ]
     for name, key in SHARPNESS_KEYS.items():
         rho = key.split("=")[1]
-        cells = [(t, f"sharpness:{key}", TASKS[t].display) for t in PAPER_TASKS]
+        cells = [(t, f"sharpness:{key}", TASKS[t].display) for t in PAPER_TASKS] + \
+            [(t, f"sharpness:{key}", t) for t in users]
         tables.append(_build(agg, name, f"Table {name[-1]}: sharpness at rho = {rho} (lower is flatter; L0 = loss "
                              "at the trained weights; ‖δ‖ = the smallest final perturbation norm ||delta_T|| among "
                              "the cell's ascents)", cells, 5))
