@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from squat_cli.errors import DataError, RunError
+from squat_cli.examples import Examples
 from squat_cli.glue import GlueTask
 from squat_cli.runs import atomic_path, save_tensors, user_path
 
@@ -31,18 +32,6 @@ CACHE_DIR_ENV = "SQUAT_CACHE_DIR"
 HUB_DATASET = "nyu-mll/glue"
 
 csv.field_size_limit(sys.maxsize)
-
-
-@dataclass
-class Examples:
-    text_a: list[str]
-    text_b: Optional[list[str]]
-    label: list[float] | list[int]
-    fingerprint: str
-    """Identifies the source content (file hash or hub fingerprint), for caching."""
-
-    def __len__(self) -> int:
-        return len(self.text_a)
 
 
 # ---------------------------------------------------------------- sources

@@ -64,8 +64,9 @@ def _format_of(path: str, given: Optional[str]) -> str:
 def predict_rows(scorable, rows: list[tuple[int, dict]], where: str) -> list[dict[str, Any]]:
     """Score one chunk of rows; each output is the row plus the prediction."""
     from squat_cli.batching import eval_loader
-    from squat_cli.data import Examples, encode
+    from squat_cli.data import encode
     from squat_cli.dev_scores import to_device
+    from squat_cli.examples import Examples
 
     task = scorable.task
     columns = [task.hub_text_a, *([task.hub_text_b] if task.hub_text_b else [])]

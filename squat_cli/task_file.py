@@ -200,7 +200,7 @@ def _first(exc: BaseException) -> str:
 
 def read_split(task: GlueTask, split: str):
     """``Examples`` of a user task's split, every row checked (one line naming the file and row otherwise)."""
-    from squat_cli.data import Examples
+    from squat_cli.examples import Examples
 
     spec = spec_of(task)
     ds, where, rowfmt, fingerprint = _load(spec.train if split == "train" else spec.dev, split)

@@ -11,18 +11,36 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+SAMPLE_GLUE = REPO / "tests" / "fixtures" / "glue-sample"
+"""The first rows of GLUE's files, shipped so that the suite runs on a fresh clone (see its README)."""
+
+
 def _glue_dir() -> Path:
+    """$SQUAT_DATA_DIR when set (CI sets it to the full GLUE files), else the shipped samples."""
     env = os.environ.get("SQUAT_DATA_DIR")
-    path = Path(env) if env else REPO.parent / "shared" / "glue"
-    return path
+    return Path(env) if env else SAMPLE_GLUE
+
+
+def _full(path: Path) -> bool:
+    f = path / "CoLA" / "train.tsv"
+    return f.is_file() and sum(1 for _ in f.open(encoding="utf-8")) > 1000
 
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
+    """GLUE's layout: the full files when $SQUAT_DATA_DIR names them, else the shipped samples."""
     path = _glue_dir()
     if not (path / "CoLA" / "train.tsv").is_file():
-        pytest.fail(f"GLUE data not found at {path}; set SQUAT_DATA_DIR")
+        pytest.fail(f"GLUE data not found at {path}; unset SQUAT_DATA_DIR to use the shipped samples")
     return path
+
+
+@pytest.fixture(scope="session")
+def full_glue_dir(glue_dir) -> Path:
+    """The full GLUE files (row counts, real-model accuracy); skipped on the samples."""
+    if not _full(glue_dir):
+        pytest.skip("needs the full GLUE files: set SQUAT_DATA_DIR to GLUE's folder to run it")
+    return glue_dir
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,7 +23,8 @@ OFFICIAL = {
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
-def test_official_row_counts_and_labels(glue_dir, name):
+def test_official_row_counts_and_labels(full_glue_dir, name):
+    glue_dir = full_glue_dir
     task = get_task(name)
     n_train, n_dev = OFFICIAL[name]
     train = load_split(task, "train", glue_dir)
@@ -39,7 +40,8 @@ def test_official_row_counts_and_labels(glue_dir, name):
     assert all(isinstance(t, str) and t for t in train.text_a[:100])
 
 
-def test_qnli_dev(glue_dir):
+def test_qnli_dev(full_glue_dir):
+    glue_dir = full_glue_dir
     dev = load_split(get_task("qnli"), "dev", glue_dir)
     assert len(dev) == 5463
     assert set(dev.label) == {0, 1}
@@ -47,7 +49,8 @@ def test_qnli_dev(glue_dir):
     assert dev.label[0] == 0  # entailment
 
 
-def test_known_rows(glue_dir):
+def test_known_rows(full_glue_dir):
+    glue_dir = full_glue_dir
     cola = load_split(get_task("cola"), "dev", glue_dir)
     assert cola.text_a[0] == "The sailors rode the breeze clear of the rocks." and cola.label[0] == 1
     mrpc = load_split(get_task("mrpc"), "dev", glue_dir)
@@ -213,9 +216,10 @@ def test_encode_cache_and_dynamic_padding(glue_dir, minilm_dir, tmp_path, monkey
     assert batch["labels"].tolist() == ex.label[:4]
 
 
-def test_embedded_stsb_when_no_folder_and_no_hub(glue_dir, monkeypatch, capsys):
+def test_embedded_stsb_when_no_folder_and_no_hub(full_glue_dir, monkeypatch, capsys):
     """data.fallback=embedded: no --data-dir, no SQUAT_DATA_DIR, no hub -> the STS-B packaged with squat,
     announced in one line; the same rows as GLUE's files. Without the fallback: the hub error as before."""
+    glue_dir = full_glue_dir
     import squat_cli.data as D
 
     monkeypatch.delenv("SQUAT_DATA_DIR", raising=False)

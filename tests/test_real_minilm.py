@@ -15,7 +15,8 @@ MAJORITY_SST2_DEV = 444 / 872
 
 
 @pytest.fixture(scope="module")
-def fp_run(tmp_path_factory, glue_dir, minilm_dir):
+def fp_run(tmp_path_factory, full_glue_dir, minilm_dir):
+    glue_dir = full_glue_dir
     root = tmp_path_factory.mktemp("minilm_runs")
     rec = load_recipe(overrides={"data.task": "sst2", "model.name_or_path": "packaged-minilm",
                                  "data.data_dir": str(glue_dir), "data.train_subset": 2000, "train.epochs": 1.0,
@@ -38,15 +39,16 @@ def _qat(root, glue_dir, method, wbits, **extra):
 
 
 @pytest.mark.parametrize("wbits", [8, 4])
-def test_lsq_w8_w4_stay_close_to_fp(fp_run, glue_dir, wbits):
+def test_lsq_w8_w4_stay_close_to_fp(fp_run, full_glue_dir, wbits):
     root, fp = fp_run
-    m = _qat(root, glue_dir, "lsq", wbits)
+    m = _qat(root, full_glue_dir, "lsq", wbits)
     assert m["steps"] == 30
     assert m["accuracy"] > fp["accuracy"] - 0.04  # measured: +1.6 (W8), +0.2 (W4) points
 
 
-def test_w2_trains(fp_run, glue_dir):
+def test_w2_trains(fp_run, full_glue_dir):
     root, _ = fp_run
+    glue_dir = full_glue_dir
     m = _qat(root, glue_dir, "lsq", 2)
     from squat_cli.runs import RunDir
 
@@ -57,8 +59,9 @@ def test_w2_trains(fp_run, glue_dir):
 
 
 @pytest.mark.parametrize("method", ["squat", "joint", "fp-sam", "q8bert", "ptq", "gobo", "qbert"])
-def test_all_methods_run_on_real_model(fp_run, glue_dir, method):
+def test_all_methods_run_on_real_model(fp_run, full_glue_dir, method):
     root, _ = fp_run
+    glue_dir = full_glue_dir
     extra = {"train.max_steps": 2, "data.eval_subset": 64, "sam.rho": 0.02}
     if method == "gobo":
         extra["quant.abits"] = 32
@@ -69,9 +72,10 @@ def test_all_methods_run_on_real_model(fp_run, glue_dir, method):
         assert len(m["gobo_outlier_share"]) == 37 and max(m["gobo_outlier_share"].values()) < 0.01
 
 
-def test_gobo_w3_keeps_most_of_the_fp_accuracy_and_qbert_mixed_runs(fp_run, glue_dir):
+def test_gobo_w3_keeps_most_of_the_fp_accuracy_and_qbert_mixed_runs(fp_run, full_glue_dir):
     """GOBO at 3 bits (4-bit embeddings) is post-training only; Q-BERT mixed 2/3 takes its bits from the Hessian."""
     root, fp = fp_run
+    glue_dir = full_glue_dir
     g = _qat(root, glue_dir, "gobo", 3, **{"quant.abits": 32, "data.eval_subset": 200})
     assert g["accuracy"] > MAJORITY_SST2_DEV + 0.1
     q = _qat(root, glue_dir, "qbert", 2, **{"train.max_steps": 2, "data.eval_subset": 64, "quant.mixed": "2/3",
@@ -81,7 +85,7 @@ def test_gobo_w3_keeps_most_of_the_fp_accuracy_and_qbert_mixed_runs(fp_run, glue
 
 
 @pytest.mark.parametrize("wbits,goal", [(2, 1 / 14), (4, 1 / 7)])
-def test_export_meets_the_size_goals_and_reproduces_the_run(fp_run, glue_dir, tmp_path, wbits, goal):
+def test_export_meets_the_size_goals_and_reproduces_the_run(fp_run, full_glue_dir, tmp_path, wbits, goal):
     """all-MiniLM-L6-v2 after a short SQuAT run: the packed quantized layers (codes, steps, FP32 biases) take at most
     1/14 (W2) / 1/7 (W4) of their FP32 bytes, and the export scores exactly the run's dev metrics."""
     from squat_cli.evaluation import evaluate_path
@@ -89,6 +93,7 @@ def test_export_meets_the_size_goals_and_reproduces_the_run(fp_run, glue_dir, tm
     from squat_cli.runs import RunDir
 
     root, _ = fp_run
+    glue_dir = full_glue_dir
     extra = {"train.max_steps": 2, "data.eval_subset": 128, "sam.rho": 0.01}
     m = _qat(root, glue_dir, "squat", wbits, **extra)
     run = RunDir.for_run(root, "sst2", f"squat-w{wbits}a8", 42)

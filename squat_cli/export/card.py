@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from squat_cli.quant.methods import get_method
+
 HUB_IDS = {"packaged-minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 """squat's names for models that have a hub id."""
 
@@ -45,7 +47,7 @@ def model_card(fmt: str, facts: dict[str, Any], recipe, task, size: dict[str, An
             f"- quantization: `{method}`, {wbits}-bit weights, "
             + (f"{abits}-bit activations" if abits and int(abits) < 32 else "full-precision activations"),
             f"- training: {t.epochs:g} epochs, {t.optimizer}, lr {t.lr:g}, batch {t.batch_size}, {t.precision}"
-            + (f", SAM rho {recipe.sam.rho:g}" if q is not None and q.method in ("squat", "joint") else "")
+            + (f", SAM rho {recipe.sam.rho:g}" if q is not None and get_method(q.method).uses_sam else "")
             + (", distilled from the FP model" if getattr(recipe, "distill", None) is not None else ""),
             f"- seed {facts.get('seed', '?')}; sequence length {recipe.data.max_seq_length}"]
     shown = ", ".join(f"{k} {100 * float(metrics[k]):.2f}" for k in task.metric_names() if k in metrics)
