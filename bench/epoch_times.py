@@ -34,7 +34,7 @@ import torch
 from common import glue_dir, machine_lines, squat_finetune
 
 from squat_cli.data import load_split
-from squat_cli.glue import get_task
+from squat_cli.tasks import get_task
 from squat_cli.models import resolve_model_path
 
 

@@ -53,7 +53,7 @@ def _rss_mib() -> float:
 
 def _batches(tokenizer, task_name: str, data_dir: str | None):
     from squat_cli.data import load_split, resolve_data_dir
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
 
     task = get_task(task_name)
     ex = load_split(task, task.dev_splits[0], resolve_data_dir(data_dir, "embedded", task))
@@ -83,7 +83,7 @@ def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data
             import onnxruntime as ort
 
             from squat_cli.export.onnx import OrtModel, session_options
-            from squat_cli.glue import get_task
+            from squat_cli.tasks import get_task
 
             opts = session_options(ort)
             opts.intra_op_num_threads = threads
@@ -99,7 +99,7 @@ def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data
 
             model, tok, _ = load_packed(path)
         else:
-            from squat_cli.glue import get_task
+            from squat_cli.tasks import get_task
             from squat_cli.models import load_model
 
             model, tok = load_model(path, get_task(task)).eval(), load_tokenizer(path)
@@ -135,7 +135,7 @@ def _export_all(run: Path, fp: Path, tmp: Path) -> dict[str, str]:
 
     from squat_cli.export.onnx import export_onnx
     from squat_cli.export.packed import export_packed
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
     from squat_cli.models import load_model, load_tokenizer
     from squat_cli.runs import RunDir
 
@@ -226,7 +226,7 @@ def main() -> None:
 
 
 def write_report(out: Path, rows: list[dict], m: dict, header: list[str]) -> None:
-    from squat_cli.glue import get_task
+    from squat_cli.tasks import get_task
 
     task = get_task(m["task"])
     key = task.main_metric

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import glue_dir, machine_lines, squat_finetune
 
-from squat_cli.glue import get_task
+from squat_cli.tasks import get_task
 
 
 def run(task: str, precision: str, seed: int, subset: int, epochs: float, data_dir: Path, work: Path) -> dict:
