@@ -173,3 +173,22 @@ def test_bad_task_data_is_one_line_and_no_run_folder(csv_task, tmp_path, tiny_be
     out = res.output.strip()
     assert res.exit_code == 2 and len(out.splitlines()) == 1 and message in out and "Traceback" not in out, out
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("metrics.json"))
+
+
+def test_a_grid_entry_can_be_a_task_file(csv_task, tiny_bert, tmp_path):
+    """sweep.tasks takes a task file; its runs record the definition inline, so a rerun counts them as done."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({
+        "sweep": {"tasks": [str(csv_task / "task.yaml")], "methods": ["lsq"], "wbits": [4], "seeds": [1],
+                  "sharpness_rhos": [0.01], "sharpness_methods": ["lsq"]},
+        "finetune": {"model": {"name_or_path": str(tiny_bert)}, "train": {"max_steps": 2, "batch_size": 8}},
+        "quantize": {"train": {"max_steps": 2, "batch_size": 8}, "quant": {"calib_batches": 1}},
+        "sharpness": {"steps": 1, "examples": 8}}))
+    args = ["sweep", str(grid), "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "sweep: 3 ran" in " ".join(res.output.split())
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "sweep: 0 ran, 3 already done" in " ".join(res.output.split())
+    assert "another recipe" not in res.output
+    assert "reviews" in (tmp_path / "rep" / "table1.md").read_text()
