@@ -192,3 +192,21 @@ def test_a_grid_entry_can_be_a_task_file(csv_task, tiny_bert, tmp_path):
     assert res.exit_code == 0 and "sweep: 0 ran, 3 already done" in " ".join(res.output.split())
     assert "another recipe" not in res.output
     assert "reviews" in (tmp_path / "rep" / "table1.md").read_text()
+
+
+def test_a_parquet_regression_task(tmp_path, tiny_bert):
+    import pandas as pd
+
+    rng = random.Random(5)
+    for split, n in (("train", 24), ("dev", 10)):
+        rows = [{"a": f"a sentence about {rng.choice(GOOD)} things", "b": f"another about {rng.choice(BAD)} ones",
+                 "score": round(rng.uniform(0, 5), 2)} for _ in range(n)]
+        pd.DataFrame(rows).to_parquet(tmp_path / f"{split}.parquet")
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
+        "name": "sim", "train": "train.parquet", "dev": "dev.parquet", "text": ["a", "b"], "label": "score",
+        "regression": True}))
+    res = runner.invoke(app, ["finetune", "--task", str(tmp_path / "sim.yaml"), "--model", str(tiny_bert),
+                              "--out", str(tmp_path / "r"), *FAST])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r" / "sim" / "fp" / "seed42" / "metrics.json").read_text())
+    assert m["main_metric"] == "pearson" and -1 <= m["pearson"] <= 1 and "spearmanr" in m
