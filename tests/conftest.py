@@ -80,3 +80,15 @@ def make_tiny_bert(folder: Path, tokenizer_src: Path, num_labels: int = 2, seed:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, minilm_dir) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert", minilm_dir)
+
+
+def finetune_tiny(root: Path, glue_dir: Path, model: Path, sets: list[str], task: str = "rte") -> Path:
+    """An FP run of ``model`` through the CLI into ``root`` (the start of the QAT tests' runs)."""
+    from typer.testing import CliRunner
+
+    from squat_cli.cli import app
+
+    res = CliRunner().invoke(app, ["finetune", "--task", task, "--model", str(model), "--data-dir", str(glue_dir),
+                                   "--out", str(root), *sets])
+    assert res.exit_code == 0, res.output
+    return root

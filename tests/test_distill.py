@@ -18,6 +18,7 @@ from squat_cli.train.distill import Distiller, use_score_attention
 from squat_cli.train.loop import build_optimizers
 from squat_cli.train.sam_schedule import SamSchedule
 from squat_cli.train.strategies import StepContext, make_strategy
+from tests.conftest import finetune_tiny
 from tests.quant_helpers import batches, tiny_bert
 
 runner = CliRunner()
@@ -159,11 +160,7 @@ SETS = ["--set", "data.train_subset=48", "--set", "data.eval_subset=24", "--set"
 
 @pytest.fixture(scope="module")
 def fp_root(tmp_path_factory, glue_dir, tiny_bert):
-    root = tmp_path_factory.mktemp("kd_fp")
-    res = runner.invoke(app, ["finetune", "--task", "rte", "--model", str(tiny_bert), "--data-dir", str(glue_dir),
-                              "--out", str(root), *SETS])
-    assert res.exit_code == 0, res.output
-    return root
+    return finetune_tiny(tmp_path_factory.mktemp("kd_fp"), glue_dir, tiny_bert, SETS)
 
 
 def _quantize(root, glue_dir, *extra):

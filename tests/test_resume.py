@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from squat_cli.cli import app
 from squat_cli.train.checkpoint import read_checkpoint
+from tests.conftest import finetune_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -82,11 +83,7 @@ def test_finetune_killed_mid_epoch_resumes_exactly(tmp_path, glue_dir, tiny_bert
 
 @pytest.fixture(scope="module")
 def fp_root(tmp_path_factory, glue_dir, tiny_bert):
-    root = tmp_path_factory.mktemp("resume_fp")
-    res = runner.invoke(app, ["finetune", "--task", "rte", "--model", str(tiny_bert), "--data-dir", str(glue_dir),
-                              "--out", str(root), *SETS])
-    assert res.exit_code == 0, res.output
-    return root
+    return finetune_tiny(tmp_path_factory.mktemp("resume_fp"), glue_dir, tiny_bert, SETS)
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "quant.step_size_grad=reuse"],
