@@ -143,6 +143,21 @@ def test_a_jsonl_pair_task_with_string_labels(tmp_path, tiny_bert):
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "r" / "pairs" / "fp" / "seed42" / "metrics.json").read_text())
     assert metrics["main_metric"] == "accuracy" and metrics["dev_sizes"] == {"dev": 12}
+    res = runner.invoke(app, ["quantize", "--task", str(tmp_path / "pairs.yaml"), "--method", "squat", "--wbits", "4",
+                              "--rho", "0.05", "--out", str(tmp_path / "r"), *FAST, "--set", "quant.calib_batches=1"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "r" / "pairs" / "squat-w4a8" / "seed42"
+    for fmt in ("packed", "onnx"):
+        assert runner.invoke(app, ["export", str(run), "--format", fmt]).exit_code == 0
+        model = run / "export" / fmt
+        assert runner.invoke(app, ["evaluate", str(model), "--out", str(tmp_path / "m.json")]).exit_code == 0
+        res = runner.invoke(app, ["predict", str(model), "--input", str(tmp_path / "dev.jsonl"), "--output",
+                                  str(tmp_path / "p.jsonl")])
+        assert res.exit_code == 0, res.output
+        preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+        gold = [json.loads(x)["dup"] for x in (tmp_path / "dev.jsonl").read_text().splitlines()]
+        scored = json.loads((tmp_path / "m.json").read_text())["accuracy"]
+        assert sum(p["label"] == g for p, g in zip(preds, gold)) / len(gold) == pytest.approx(scored, abs=1e-12)
 
 
 @pytest.mark.parametrize("change,message", [
