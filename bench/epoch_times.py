@@ -34,8 +34,8 @@ import torch
 from common import glue_dir, machine_lines, squat_finetune
 
 from squat_cli.data import load_split
-from squat_cli.tasks import get_task
 from squat_cli.models import resolve_model_path
+from squat_cli.tasks import get_task
 
 
 def squat_epoch(task: str, batch: int, max_length: int, data_dir: Path, workdir: Path, *sets: str) -> dict:

@@ -99,8 +99,8 @@ def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data
 
             model, tok, _ = load_packed(path)
         else:
-            from squat_cli.tasks import get_task
             from squat_cli.models import load_model
+            from squat_cli.tasks import get_task
 
             model, tok = load_model(path, get_task(task)).eval(), load_tokenizer(path)
 
@@ -135,9 +135,9 @@ def _export_all(run: Path, fp: Path, tmp: Path) -> dict[str, str]:
 
     from squat_cli.export.onnx import export_onnx
     from squat_cli.export.packed import export_packed
-    from squat_cli.tasks import get_task
     from squat_cli.models import load_model, load_tokenizer
     from squat_cli.runs import RunDir
+    from squat_cli.tasks import get_task
 
     paths = {"fp32-torch": str(fp / "model"), "packed-torch": str(tmp / "packed"), "fp32-onnx": str(tmp / "fp-onnx"),
              "qdq-int8-onnx": str(tmp / "int8"), "qdq-int4-onnx": str(tmp / "int4")}
