@@ -177,6 +177,10 @@ def sweep(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again jobs marked failed."),
     reports: Path = typer.Option(Path("reports"), "--reports", help="Where the report goes after the sweep."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write the report at the end."),
+    launcher: str = typer.Option("local", "--launcher", help="local (one job at a time, this process) or ray "
+                                 "(Ray tasks: one job per GPU, many nodes; pip install 'squat[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster to join (auto, ray://host:port); "
+                                          "default: $RAY_ADDRESS, else Ray starts on this machine."),
 ) -> None:
     """Run a whole grid (FP runs, quantized runs, sharpness) in dependency order; finished work is skipped."""
     from squat_cli import sweep as S
@@ -196,7 +200,8 @@ def sweep(
         console.print(table)
         return
     res = _run(S.run_sweep, grid, out, jobs, dd, retry_failed, lambda: RichReporter(err_console),
-               lambda msg: err_console.print(msg, highlight=False))
+               lambda msg: err_console.print(msg, highlight=False, markup=False), launcher=launcher,
+               address=address)
     console.print(f"sweep: {len(res.ran)} ran, {len(res.skipped)} already done or waiting, "
                   f"{len(res.failed)} failed, {len(res.busy)} running elsewhere")
     for job_id, why in res.failed:

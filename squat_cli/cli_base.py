@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from squat_cli.errors import SquatError, Terminated
 from squat_cli.runs import public_path
@@ -59,7 +60,7 @@ EpochsOpt = typer.Option(None, "--epochs", help="Training epochs.")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -49,6 +49,11 @@ class SweepSection:
     """Weight bit widths for a method instead of ``wbits`` (``{q8bert: [8]}``)."""
     note: Optional[str] = None
     """One line printed at the top of the grid's report (e.g. where the full results are)."""
+    resources: Optional[dict[str, float]] = None
+    """What each job asks of a Ray cluster (``--launcher ray``): ``{cpus: 4, gpus: 1}`` and custom resources;
+    None: one CPU. torch's threads follow ``cpus``."""
+    max_retries: int = 2
+    """``--launcher ray``: how often a job whose worker or node died is retried (it resumes from its checkpoint)."""
 
 
 @dataclass
@@ -182,6 +187,11 @@ def load_grid(path: Path | str) -> Grid:
         if not is_known(m):
             raise RecipeError(f"sweep: unknown method {m!r}; allowed: {', '.join(sorted({'fp', *METHODS}))}, "
                               "qbert-mp<H> (Q-BERT mixed precision W/H)")
+    if sweep.max_retries < 0:
+        raise RecipeError(f"sweep.max_retries: {sweep.max_retries} must be >= 0")
+    for key, value in (sweep.resources or {}).items():
+        if not key or value < 0:
+            raise RecipeError(f"sweep.resources.{key}: {value} must be >= 0")
     if any(r <= 0 for r in sweep.sharpness_rhos):
         raise RecipeError("sweep.sharpness_rhos: every radius must be > 0")
     if not sweep.tasks or not sweep.seeds:

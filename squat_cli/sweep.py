@@ -172,65 +172,121 @@ def recipe_difference(run: RunDir, expected: Recipe) -> Optional[str]:
     return None
 
 
-def run_sweep(
-    grid: Grid, root: Path, jobs: list[Job], data_dir: Optional[str] = None, retry_failed: bool = False,
-    reporter_factory: Callable[[], Any] = lambda: None, log: Callable[[str], None] = lambda s: None,
-) -> SweepOutcome:
+@dataclass
+class JobOutcome:
+    status: str
+    """ran | skipped | failed | busy"""
+    message: str = ""
+    warning: Optional[str] = None
+
+
+JOB_LOG = ".sweep-jobs.jsonl"
+"""In the runs root: one line per job start and end (job id, outcome, host, process), from every worker."""
+
+
+def log_job(root: Path, job: "Job", event: str, **fields: Any) -> None:
+    """Append one line to the runs root's job log (a single ``O_APPEND`` write: whole lines from every process)."""
+    import json
+    import socket
+    import time
+
+    root.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"job": job.id, "event": event, "host": socket.gethostname(), "pid": os.getpid(),
+                       "time": round(time.time(), 3), **fields}) + "\n"
+    fd = os.open(root / JOB_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def execute_job(grid: Grid, job: Job, root: Path, data_dir: Optional[str] = None, retry_failed: bool = False,
+                reporter: Any = None, log: Callable[[str], None] = lambda s: None, where: str = "",
+                on_start: Callable[[], None] = lambda: None) -> JobOutcome:
+    """Run one job if it is not done (any executor calls this): skipped when finished, refused when failed
+    earlier (unless ``retry_failed``), busy when another worker holds its lock; failures are outcomes, not
+    exceptions. ``where`` names the worker (a node) in the job log."""
     from squat_cli import training as J
     from squat_cli.sharpness_jobs import measure_sharpness
 
-    out = SweepOutcome()
-    blocked: set[tuple] = set()  # runs that failed or are missing: their dependents wait
-    for job in jobs:
-        run_key = (job.setting, job.task, job.variant, job.seed)
-        fp_key = ("", job.task, "fp", job.seed)
-        if job.kind != "fp" and (fp_key in blocked or (job.kind == "sharpness" and run_key in blocked)):
-            out.skipped.append(f"{job.id} (needs a run that did not finish)")
-            continue
-        job_root = grid.root_of(job.kind, job.setting, root)
-        status = job_status(job, job_root, grid.sharpness.method)
-        if status == "done":
-            out.skipped.append(job.id)
-            if job.kind != "sharpness":
-                differs = recipe_difference(RunDir.for_run(job_root, job.task, job.variant, job.seed),
-                                            _job_recipe(grid, job, data_dir))
-                if differs:
-                    out.warnings.append(f"{job.id}: finished with another recipe ({differs}); counted as done, "
-                                        "not rerun")
-                    log(f"warning: {out.warnings[-1]}")
-            continue
-        if status == "failed" and not retry_failed:
-            out.failed.append((job.id, "failed earlier (FAILED.json); rerun with --retry-failed"))
-            blocked.add(run_key)
-            continue
-        with job_lock(job_root, job) as mine:
-            if not mine:
-                out.busy.append(job.id)
-                blocked.add(run_key)
-                continue
-            if job_status(job, job_root, grid.sharpness.method) == "done":  # finished by another worker meanwhile
-                out.skipped.append(job.id)
-                continue
-            log(f"[{len(out.ran) + 1}] {job.id}")
-            try:
-                if job.kind == "fp":
-                    J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), job_root, reporter=reporter_factory(),
-                               resume=True, force=status == "failed")
-                elif job.kind == "quantize":
-                    fp_run = RunDir.for_run(grid.root_of("fp", "", root), job.task, "fp",
-                                            job.seed)
-                    J.quantize(grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir, job.setting),
-                               job_root, from_path=fp_run.path, reporter=reporter_factory(), resume=True,
-                               force=status == "failed")
-                else:
-                    run = RunDir.for_run(job_root, job.task, job.variant, job.seed)
-                    measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter_factory())
-                out.ran.append(job.id)
-            except SquatError as exc:
-                out.failed.append((job.id, str(exc)))
-                blocked.add(run_key)
-                log(f"failed {job.id}: {exc}")
-    return out
+    job_root = grid.root_of(job.kind, job.setting, root)
+    status = job_status(job, job_root, grid.sharpness.method)
+    if status == "done":
+        warning = None
+        if job.kind != "sharpness":
+            differs = recipe_difference(RunDir.for_run(job_root, job.task, job.variant, job.seed),
+                                        _job_recipe(grid, job, data_dir))
+            if differs:
+                warning = f"{job.id}: finished with another recipe ({differs}); counted as done, not rerun"
+                log(f"warning: {warning}")
+        return JobOutcome("skipped", warning=warning)
+    if status == "failed" and not retry_failed:
+        return JobOutcome("failed", "failed earlier (FAILED.json); rerun with --retry-failed")
+    with job_lock(job_root, job) as mine:
+        if not mine:
+            return JobOutcome("busy")
+        if job_status(job, job_root, grid.sharpness.method) == "done":  # finished by another worker meanwhile
+            return JobOutcome("skipped")
+        log_job(root, job, "start", where=where)
+        on_start()
+        try:
+            if job.kind == "fp":
+                J.finetune(grid.fp_recipe(job.task, job.seed, data_dir), job_root, reporter=reporter, resume=True,
+                           force=status == "failed")
+            elif job.kind == "quantize":
+                fp_run = RunDir.for_run(grid.root_of("fp", "", root), job.task, "fp", job.seed)
+                J.quantize(grid.quant_recipe(job.task, job.seed, job.method, job.wbits, data_dir, job.setting),
+                           job_root, from_path=fp_run.path, reporter=reporter, resume=True, force=status == "failed")
+            else:
+                run = RunDir.for_run(job_root, job.task, job.variant, job.seed)
+                measure_sharpness(run, grid.sharpness_settings(job.rho), data_dir, reporter)
+        except SquatError as exc:
+            log_job(root, job, "end", outcome="failed", where=where)
+            return JobOutcome("failed", str(exc))
+        log_job(root, job, "end", outcome="ran", where=where)
+        return JobOutcome("ran")
+
+
+def depends_on(job: Job) -> Optional[tuple]:
+    """The key of the run a job waits for: a quantized run its FP run, a score its run (None: an FP run)."""
+    if job.kind == "fp":
+        return None
+    if job.kind == "quantize":
+        return ("", job.task, "fp", job.seed)
+    return (job.setting, job.task, job.variant, job.seed)
+
+
+def run_key(job: Job) -> tuple:
+    return ("" if job.kind == "fp" else job.setting, job.task, job.variant, job.seed)
+
+
+def record(out: SweepOutcome, job: Job, result: JobOutcome, log: Callable[[str], None] = lambda s: None) -> None:
+    """Add one job's outcome to the sweep's summary."""
+    if result.status == "ran":
+        out.ran.append(job.id)
+    elif result.status == "skipped":
+        out.skipped.append(job.id + (f" ({result.message})" if result.message else ""))
+    elif result.status == "busy":
+        out.busy.append(job.id)
+    else:
+        out.failed.append((job.id, result.message))
+        if "failed earlier" not in result.message:
+            log(f"failed {job.id}: {result.message}")
+    if result.warning:
+        out.warnings.append(result.warning)
+
+
+def run_sweep(
+    grid: Grid, root: Path, jobs: list[Job], data_dir: Optional[str] = None, retry_failed: bool = False,
+    reporter_factory: Callable[[], Any] = lambda: None, log: Callable[[str], None] = lambda s: None,
+    launcher: str = "local", address: Optional[str] = None,
+) -> SweepOutcome:
+    """Run the jobs with an executor (``squat_cli/executors``): ``local`` one at a time in this process, ``ray``
+    as Ray tasks across a cluster. Same outcome either way."""
+    from squat_cli.executors import get_executor
+
+    return get_executor(launcher)(grid, Path(root), jobs, data_dir=data_dir, retry_failed=retry_failed,
+                                  reporter_factory=reporter_factory, log=log, address=address)
 
 
 def describe(grid: Grid, jobs: list[Job], root: Path) -> list[tuple[str, str]]:
