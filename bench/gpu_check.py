@@ -11,6 +11,7 @@
    packaged with squat: 20 steps, dev Pearson, wall time, device as recorded in
    ``environment.json``.
 3. The step benchmark on CUDA (``bench/step_times.py --device cuda --bf16``).
+4. A Ray sweep of a tiny grid with one job per GPU (``bench/launchers.py --gpus``).
 
 Everything goes to ``--out``: ``RESULTS-gpu.md`` (the summary to commit),
 ``RESULTS-steps-gpu.md``, ``steps-gpu.json`` and ``tests.log``.
@@ -121,6 +122,11 @@ def main() -> None:
     lines += ["## Step benchmark on CUDA", "",
               f"exit {res.returncode}; tables in [{steps_md.name}]({steps_md.name})" if res.returncode == 0
               else f"exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1]}", ""]
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "launchers.py"), "--gpus", "--out", str(out)], cwd=REPO,
+                         env=env, capture_output=True, text=True)
+    lines += ["## Ray sweep, one job per GPU (`bench/launchers.py --gpus`)", "",
+              f"exit {res.returncode}; table in [RESULTS-launchers-gpu.md](RESULTS-launchers-gpu.md)"
+              if res.returncode == 0 else f"exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1]}", ""]
     (out / "RESULTS-gpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
