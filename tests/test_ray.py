@@ -109,7 +109,7 @@ def test_a_worker_node_lost_mid_job_is_retried_and_the_grid_completes(tmp_path, 
         while victim is None and time.time() < deadline:  # a worker node that is running an FP job
             if (root / JOB_LOG).is_file():
                 started = [e["where"] for e in _log(root) if e["event"] == "start" and "/fp/" in e["job"]]
-                victim = next((w for w in workers if w.unique_id in started), None)
+                victim = next((w for w in workers if w.node_id in started), None)
             time.sleep(0.2)
         assert victim is not None
         c.remove_node(victim)
@@ -117,9 +117,9 @@ def test_a_worker_node_lost_mid_job_is_retried_and_the_grid_completes(tmp_path, 
         out = result["out"]
         assert not out.failed and len(out.ran) == 6, (out.failed, out.ran)
         _ran_once(root, 6)
-        lost = [e for e in _log(root) if e["event"] == "start" and e["where"] == victim.unique_id]
+        lost = [e for e in _log(root) if e["event"] == "start" and e["where"] == victim.node_id]
         assert lost  # the killed attempt started there and never ended there
-        assert not [e for e in _log(root) if e["event"] == "end" and e["where"] == victim.unique_id
+        assert not [e for e in _log(root) if e["event"] == "end" and e["where"] == victim.node_id
                     and e["job"] == lost[0]["job"]]
     finally:
         ray.shutdown()
