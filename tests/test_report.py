@@ -624,3 +624,25 @@ def test_runs_named_in_contended_json_leave_the_cost_table(tmp_path):
     (root / "contended.json").write_text("[1, 2]")
     with pytest.raises(Exception, match="contended.json: expected"):
         collect(root)
+
+
+def test_distilled_runs_get_their_own_paired_comparisons(tmp_path):
+    """With +kd runs the claims add the distillation study's pairs (hand values: LSQ+KD - LSQ = +2 and +4 points,
+    mean +3; LSQ+KD - FP = -1 and -3, mean -2); without them nothing is added."""
+    from squat_cli.report.claims import claim_summaries
+    from squat_cli.report.collect import collect
+
+    root = tmp_path / "runs"
+    for seed, (fp, lsq, kd) in enumerate(((0.70, 0.67, 0.69), (0.72, 0.65, 0.69)), 1):
+        make_run(root, "rte", "fp", seed, {"accuracy": fp})
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": lsq})
+    rows, _ = claim_summaries(collect(root).results)
+    assert not [r for r in rows if r.claim == "KD"]
+    for seed, kd in ((1, 0.69), (2, 0.69)):
+        make_run(root, "rte", "lsq+kd-w2a8", seed, {"accuracy": kd})
+    rows, tables = claim_summaries(collect(root).results)
+    kd_rows = {r.comparison.split(",")[0]: r for r in rows if r.claim == "KD"}
+    assert kd_rows["LSQ+KD - LSQ"].mean == pytest.approx(3.0) and kd_rows["LSQ+KD - LSQ"].n == 2
+    assert kd_rows["LSQ+KD - FP (same seed)"].mean == pytest.approx(-2.0)
+    assert kd_rows["LSQ - FP (same seed)"].mean == pytest.approx(-5.0)
+    assert "kd:lsq+kd-vs-lsq" in tables

@@ -34,6 +34,16 @@ CLAIMS = [
     ("C3", "joint", "squat", "main", "joint - SQuAT, main dev metric (points)"),
     ("C4", "squat", "fp", "main", "SQuAT - FP (same seed), main dev metric (points)"),
 ]
+KD_COMPARISONS = [
+    ("KD", "lsq+kd", "lsq", "main", "LSQ+KD - LSQ, main dev metric (points)"),
+    ("KD", "squat+kd", "squat", "main", "SQuAT+KD - SQuAT, main dev metric (points)"),
+    ("KD", "squat+kd", "lsq+kd", "main", "SQuAT+KD - LSQ+KD (C1 under distillation), main dev metric (points)"),
+    ("KD", "lsq", "fp", "main", "LSQ - FP (same seed), main dev metric (points)"),
+    ("KD", "squat", "fp", "main", "SQuAT - FP (same seed), every width, main dev metric (points)"),
+    ("KD", "lsq+kd", "fp", "main", "LSQ+KD - FP (same seed), main dev metric (points)"),
+    ("KD", "squat+kd", "fp", "main", "SQuAT+KD - FP (same seed), main dev metric (points)"),
+]
+"""The distillation study's paired comparisons, made when the runs hold distilled methods (``+kd``)."""
 SHARP_KEYS = ("ascent/rho=0.01", "ascent/rho=0.05")
 
 
@@ -133,6 +143,11 @@ def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.
         p = pairs(results, "squat", "lsq", key)
         tables[f"sharpness-{key.split('=')[1]}"] = p
         rows += summarize("C2", f"SQuAT - LSQ, sharpness at rho {key.split('=')[1]} (negative: SQuAT flatter)", p)
+    if not results.empty and results.method.str.endswith("+kd").any():
+        for claim, a, b, metric, label in KD_COMPARISONS:
+            p = pairs(results, a, b, metric)
+            tables[f"kd:{a}-vs-{b}"] = p
+            rows += summarize(claim, label, p)
     return rows, tables
 
 
@@ -192,6 +207,7 @@ def per_seed_markdown(tables: dict[str, pd.DataFrame]) -> str:
     Sharpness cells show the difference in starting loss L(W0) beside the score's difference; a pair whose ascent
     stopped inside the ball is marked † (it is left out of the summaries)."""
     labels = {f"{a}-vs-{b}": (claim, label) for claim, a, b, _, label in CLAIMS}
+    labels.update({f"kd:{a}-vs-{b}": (claim, label) for claim, a, b, _, label in KD_COMPARISONS})
     labels.update({f"sharpness-{k.split('=')[1]}": ("C2", f"SQuAT - LSQ, sharpness at rho {k.split('=')[1]}")
                    for k in SHARP_KEYS})
     frames = [t for t in tables.values() if not t.empty]
