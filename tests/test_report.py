@@ -633,7 +633,7 @@ def test_distilled_runs_get_their_own_paired_comparisons(tmp_path):
     from squat_cli.report.collect import collect
 
     root = tmp_path / "runs"
-    for seed, (fp, lsq, kd) in enumerate(((0.70, 0.67, 0.69), (0.72, 0.65, 0.69)), 1):
+    for seed, (fp, lsq) in enumerate(((0.70, 0.67), (0.72, 0.65)), 1):
         make_run(root, "rte", "fp", seed, {"accuracy": fp})
         make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": lsq})
     rows, _ = claim_summaries(collect(root).results)
