@@ -80,7 +80,8 @@ def main() -> None:
     import torch
     from ray.cluster_utils import Cluster
 
-    from squat_cli.sweep import load_grid, plan, run_sweep
+    from squat_cli.executors import run_sweep
+    from squat_cli.sweep import load_grid, plan
 
     out = Path(args.out)
     results: dict = {"machine": platform.platform(), "cpus": os.cpu_count(), "ray_version": ray.__version__,

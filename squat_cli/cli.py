@@ -199,7 +199,9 @@ def sweep(
             table.add_row(str(k), job_id, status)
         console.print(table)
         return
-    res = _run(S.run_sweep, grid, out, jobs, dd, retry_failed, lambda: RichReporter(err_console),
+    from squat_cli.executors import run_sweep
+
+    res = _run(run_sweep, grid, out, jobs, dd, retry_failed, lambda: RichReporter(err_console),
                lambda msg: err_console.print(msg, highlight=False, markup=False), launcher=launcher,
                address=address)
     console.print(f"sweep: {len(res.ran)} ran, {len(res.skipped)} already done or waiting, "

@@ -276,18 +276,5 @@ def record(out: SweepOutcome, job: Job, result: JobOutcome, log: Callable[[str],
         out.warnings.append(result.warning)
 
 
-def run_sweep(
-    grid: Grid, root: Path, jobs: list[Job], data_dir: Optional[str] = None, retry_failed: bool = False,
-    reporter_factory: Callable[[], Any] = lambda: None, log: Callable[[str], None] = lambda s: None,
-    launcher: str = "local", address: Optional[str] = None,
-) -> SweepOutcome:
-    """Run the jobs with an executor (``squat_cli/executors``): ``local`` one at a time in this process, ``ray``
-    as Ray tasks across a cluster. Same outcome either way."""
-    from squat_cli.executors import get_executor
-
-    return get_executor(launcher)(grid, Path(root), jobs, data_dir=data_dir, retry_failed=retry_failed,
-                                  reporter_factory=reporter_factory, log=log, address=address)
-
-
 def describe(grid: Grid, jobs: list[Job], root: Path) -> list[tuple[str, str]]:
     return [(j.id, job_status(j, grid.root_of(j.kind, j.setting, root), grid.sharpness.method)) for j in jobs]

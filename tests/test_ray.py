@@ -62,6 +62,25 @@ def _ran_once(root, n_jobs):
     assert len(list(root.rglob("metrics.json"))) == n_jobs
 
 
+def _same_tables_as_local(grid_path, ray_root, tmp_path):
+    """The report of the Ray runs against a local sweep of the same grid (one torch thread, as each Ray job)."""
+    import torch
+
+    from squat_cli.report.build import write_report
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = runner.invoke(app, ["sweep", str(grid_path), "--out", str(tmp_path / "local"), "--reports",
+                                  str(tmp_path / "rep_local")])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    write_report(ray_root, tmp_path / "rep_ray")
+    for name in TABLES:
+        assert (tmp_path / "rep_ray" / name).read_bytes() == (tmp_path / "rep_local" / name).read_bytes(), name
+
+
 def test_ray_sweep_runs_every_job_once_and_reports_as_local(cluster, tmp_path, glue_dir, tiny_bert):
     import torch
 
@@ -91,7 +110,8 @@ def test_ray_sweep_runs_every_job_once_and_reports_as_local(cluster, tmp_path, g
 def test_a_worker_node_lost_mid_job_is_retried_and_the_grid_completes(tmp_path, glue_dir, tiny_bert):
     from ray.cluster_utils import Cluster
 
-    from squat_cli.sweep import load_grid, plan, run_sweep
+    from squat_cli.executors import run_sweep
+    from squat_cli.sweep import load_grid, plan
 
     if ray.is_initialized():
         ray.shutdown()
@@ -99,7 +119,8 @@ def test_a_worker_node_lost_mid_job_is_retried_and_the_grid_completes(tmp_path, 
     workers = [c.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(2)]
     ray.init(address=c.address, log_to_driver=False)
     try:
-        grid = load_grid(_grid(tmp_path, glue_dir, tiny_bert, steps=40))
+        grid_path = _grid(tmp_path, glue_dir, tiny_bert, steps=40)
+        grid = load_grid(grid_path)
         root = tmp_path / "runs"
         result = {}
         thread = threading.Thread(target=lambda: result.update(out=run_sweep(grid, root, plan(grid), launcher="ray")))
@@ -121,6 +142,7 @@ def test_a_worker_node_lost_mid_job_is_retried_and_the_grid_completes(tmp_path, 
         assert lost  # the killed attempt started there and never ended there
         assert not [e for e in _log(root) if e["event"] == "end" and e["where"] == victim.node_id
                     and e["job"] == lost[0]["job"]]
+        _same_tables_as_local(grid_path, root, tmp_path)
     finally:
         ray.shutdown()
         c.shutdown()
@@ -163,6 +185,7 @@ def test_a_killed_driver_rerun_skips_what_finished(tmp_path, glue_dir, tiny_bert
         said = " ".join(rerun.stdout.split())
         assert f"{done_before} already done" in said or "already done" in said
         _ran_once(root, 6)
+        _same_tables_as_local(grid, root, tmp_path)
     finally:
         c.shutdown()
 

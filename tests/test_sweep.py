@@ -193,7 +193,8 @@ def test_sharpness_only_for_the_methods_asked(tmp_path):
 
 
 def test_a_finished_run_with_another_recipe_is_reported(tmp_path, tiny_bert, glue_dir):
-    from squat_cli.sweep import recipe_difference, run_sweep
+    from squat_cli.executors import run_sweep
+    from squat_cli.sweep import recipe_difference
 
     path = _tiny_grid(tmp_path, tiny_bert, glue_dir)
     data = yaml.safe_load(path.read_text())
