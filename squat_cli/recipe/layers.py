@@ -75,7 +75,8 @@ QUANTIZE_DEFAULTS: dict[str, Any] = {
 
 
 # The distillation setting ``--distill`` switches on, and a grid's distilled methods (``lsq+kd``) take when the
-# grid has no ``distill`` section: the setting docs/distillation.md's search chose (see its Results).
+# grid has no ``distill`` section. Provisional (TernaryBERT's logits and hidden-state terms, plus the task loss)
+# until docs/distillation.md's settings search decides; its stage A chooses the terms and stage B the lr.
 DISTILL_DEFAULTS: dict[str, Any] = {
     "distill.logits": 1.0,
     "distill.hidden": 1.0,
