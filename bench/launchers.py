@@ -23,20 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-
-def tiny_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from squat_cli.models import resolve_model_path
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128, num_labels=1)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model_path("packaged-minilm")).save_pretrained(folder)
-    return folder
+from gpu_check import tiny_model  # noqa: E402  (the GPU check's tiny BERT: the same model in both benches)
 
 
 def grid_file(folder: Path, model: Path, resources: dict) -> Path:
