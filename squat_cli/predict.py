@@ -118,7 +118,10 @@ def predict_file(model_path: Path, input_path: str, output_path: str, input_form
     where = "<stdin>" if input_path == "-" else input_path
     if input_path != "-" and not Path(input_path).is_file():
         raise DataError(f"{input_path}: no such file")
-    source = stdin or sys.stdin if input_path == "-" else open(input_path, encoding="utf-8-sig", newline="")
+    if input_path == "-":
+        source = stdin if stdin is not None else sys.stdin
+    else:
+        source = open(input_path, encoding="utf-8-sig", newline="")
     count = 0
 
     def run(out: TextIO) -> None:
