@@ -195,7 +195,7 @@ def test_distill_off_is_todays_run_and_labels_only_distillation_matches_it(tmp_p
 
 def test_distilled_run_learns_records_terms_and_reports_its_own_row(tmp_path, glue_dir, fp_root):
     shutil.copytree(fp_root / "rte" / "fp", tmp_path / "rte" / "fp")
-    res = _quantize(tmp_path, glue_dir, "--distill", "--set", "distill.attention=1")
+    res = _quantize(tmp_path, glue_dir, "--distill", "--set", "distill.attention=1", "--set", "distill.hidden=1")
     assert res.exit_code == 0, res.output
     run = tmp_path / "rte" / "squat+kd-w2a8" / "seed42"
     hist = _history(run)

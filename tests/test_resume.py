@@ -88,7 +88,7 @@ def fp_root(tmp_path_factory, glue_dir, tiny_bert):
 
 @pytest.mark.parametrize("extra", [[], ["--set", "quant.step_size_grad=reuse"],
                                    ["--set", "sam.every=2", "--set", "sam.probability=0.7"],
-                                   ["--distill", "--set", "distill.attention=1"]],
+                                   ["--distill", "--set", "distill.attention=1", "--set", "distill.hidden=1"]],
                          ids=["fresh", "reuse", "every2-rst", "distill"])
 def test_squat_killed_resumes_exactly(tmp_path, glue_dir, fp_root, extra):
     import shutil
