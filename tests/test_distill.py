@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from squat_cli.cli import app
 from squat_cli.quant.convert import calibrate, quantize_model
 from squat_cli.recipe import DistillConfig, QuantConfig, TrainConfig, recipe_from_dict
-from squat_cli.train.distill import Distiller, use_score_attention
+from squat_cli.train.distill import Distiller, term_values, use_score_attention
 from squat_cli.train.loop import build_optimizers
 from squat_cli.train.sam_schedule import SamSchedule
 from squat_cli.train.strategies import StepContext, make_strategy
@@ -40,7 +40,8 @@ def test_logits_term_soft_cross_entropy_by_hand():
     out = SimpleNamespace(loss=torch.tensor(0.7), logits=torch.tensor([[0.0, 0.0]]))
     terms = kd.terms(out, 1)
     assert terms["logits"].item() == pytest.approx(4 * math.log(2), abs=1e-6)
-    total, values = kd.loss(out, 1)
+    total, terms = kd.loss(out, 1)
+    values = term_values(terms)
     assert total.item() == pytest.approx(4 * math.log(2), abs=1e-6)  # labels weight 0: the task loss is left out
     assert values["labels"] == pytest.approx(0.7)
 
@@ -49,7 +50,8 @@ def test_logits_term_regression_is_mse_and_weights_add_up():
     """STS-B: scores 1 and 2 against the teacher's 3 and 2: MSE (4 + 0) / 2 = 2; total 0.5 * 2 + 1 * 0.3."""
     kd = _primed(DistillConfig(logits=0.5, labels=1.0), {"logits": torch.tensor([[3.0], [2.0]])}, regression=True)
     out = SimpleNamespace(loss=torch.tensor(0.3), logits=torch.tensor([[1.0], [2.0]]))
-    total, values = kd.loss(out, 2)
+    total, terms = kd.loss(out, 2)
+    values = term_values(terms)
     assert values["logits"] == pytest.approx(2.0)
     assert total.item() == pytest.approx(0.5 * 2.0 + 0.3)
 
@@ -64,7 +66,8 @@ def test_hidden_and_attention_terms_sum_layer_mses_by_hand():
     out = SimpleNamespace(loss=torch.tensor(1.0), logits=torch.zeros(1, 2),
                           hidden_states=(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)),
                           attentions=(torch.zeros(1, 1, 2, 2),))
-    total, values = kd.loss(out, 1)
+    total, terms = kd.loss(out, 1)
+    values = term_values(terms)
     assert values["hidden"] == pytest.approx(5.0)
     assert values["attention"] == pytest.approx(9 / 4)
     assert total.item() == pytest.approx(5.0 + 2 * 9 / 4)

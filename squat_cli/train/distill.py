@@ -136,8 +136,13 @@ class Distiller:
             terms["attention"] = sum(F.mse_loss(s.float(), a) for s, a in zip(out.attentions, t["attention"]))
         return terms
 
-    def loss(self, out, rows: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted sum, and each term's value (for the run's history)."""
+    def loss(self, out, rows: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum, and each (unweighted) term, detached: read them with ``term_values`` where recorded."""
         terms = self.terms(out, rows)
         total = sum(getattr(self.cfg, k) * v for k, v in terms.items() if getattr(self.cfg, k) > 0)
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
+def term_values(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The terms as numbers (one host read each): only for the pass the history records."""
+    return {k: float(v) for k, v in terms.items()}

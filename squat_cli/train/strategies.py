@@ -44,7 +44,7 @@ from squat_cli.errors import DivergenceError
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.methods import get_method
 from squat_cli.quant.qlinear import clamp_steps, quant_layers, step_parameters, weight_parameters
-from squat_cli.train.distill import Distiller
+from squat_cli.train.distill import Distiller, term_values
 from squat_cli.train.rng_replay import RngReplay
 from squat_cli.train.sam import Perturbation
 from squat_cli.train.sam_schedule import ASCENT, PLAIN, REUSE, SamSchedule
@@ -112,8 +112,8 @@ class Strategy:
             loss = out.loss
         else:
             loss, terms = kd.loss(out, len(batch["labels"]))
-            if not aux:
-                self.last_terms = terms
+            if not aux:  # the passes that only steer an update are not recorded: no host read for them
+                self.last_terms = term_values(terms)
         if not torch.isfinite(loss.detach()):
             raise DivergenceError(f"non-finite loss ({float(loss.detach())}) at step {self.step_count + 1}")
         return loss
