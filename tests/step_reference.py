@@ -28,9 +28,9 @@ def strategy_for(model, method, rho, optimizer="sgd", step_size_grad="fresh", ab
     return make_strategy(method, ctx, step_size_grad)
 
 
-def quantized(method="squat", wbits=2, abits=32, seed=0):
+def quantized(method="squat", wbits=2, abits=32, seed=0, embedding_bits=None):
     model = tiny_bert(seed)
-    names = quantize_model(model, QuantConfig(method=method, wbits=wbits, abits=abits))
+    names = quantize_model(model, QuantConfig(method=method, wbits=wbits, abits=abits, embedding_bits=embedding_bits))
     return model, names
 
 
@@ -42,18 +42,23 @@ def lsq_ref(w, s, bits, identity=False):
     if identity:
         return lsq_ref(w.detach(), s, bits) + (w - w.detach())
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    g = 1.0 / math.sqrt(w.numel() * qp)
+    g = 1.0 / math.sqrt(w.numel() // s.numel() * qp)  # elements per step (a (C, 1) step: one per row)
     s = (s - s * g).detach() + s * g
     v = torch.clamp(w / s, qn, qp)
     v = (v.round() - v).detach() + v
     return v * s
 
 
+def _bits(bits, layer):
+    """``bits``: one width for every layer, or a dict of widths by layer name."""
+    return bits[layer] if isinstance(bits, dict) else bits
+
+
 def ref_loss(fp, W, S, eps, batch, bits, identity=False):
     params = {}
     for n, p in W.items():
         layer = n[: -len(".weight")]
-        params[n] = (lsq_ref(p, S[layer], bits, identity) if layer in S else p) + eps.get(n, 0.0)
+        params[n] = (lsq_ref(p, S[layer], _bits(bits, layer), identity) if layer in S else p) + eps.get(n, 0.0)
     return functional_call(fp, params, args=(), kwargs=batch).loss
 
 
@@ -62,16 +67,17 @@ def ref_eps(fp, W, S, batch, bits, rho):
     leaves = {}
     for n, p in W.items():
         layer = n[: -len(".weight")]
-        leaves[n] = (lsq_ref(p, S[layer], bits) if layer in S else p).detach().requires_grad_()
+        leaves[n] = (lsq_ref(p, S[layer], _bits(bits, layer)) if layer in S else p).detach().requires_grad_()
     loss = functional_call(fp, leaves, args=(), kwargs=batch).loss
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
     return {n: rho * g / (norm + 1e-12) for n, g in grads.items()}
 
 
-def reference_step(method, seed, batch, bits=2, weight_ste="masked", eps_batch=None):
+def reference_step(method, seed, batch, bits=2, weight_ste="masked", eps_batch=None, embedding_bits=None):
     fp = tiny_bert(seed)
-    q, names = quantized(seed=seed, wbits=bits)
+    q, names = quantized(seed=seed, wbits=bits, embedding_bits=embedding_bits)
+    bits = {n: q.get_submodule(n).wq.bits for n in names}
     S = {n: q.get_submodule(n).wq.step.detach().clone() for n in names}
     W = {n: p.detach().clone() for n, p in fp.named_parameters()}
     eps = ref_eps(fp, W, S, eps_batch if eps_batch is not None else batch, bits, RHO)

@@ -172,3 +172,47 @@ def test_default_layers_found_by_structure_in_every_family(family):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.endswith(".weight") and n.startswith(blocks) for n in changed)
     assert any(n.endswith("wq.step") for n in changed)
+
+
+@pytest.mark.parametrize("method", ["lsq", "squat", "joint", "ptq"])
+def test_embedding_bits_quantizes_the_word_embeddings_per_row(method):
+    model = tiny_bert()
+    table = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    quantize_model(model, QuantConfig(method=method, wbits=2, embedding_bits=3))
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, QuantEmbedding) and emb.wq.bits == 3
+    assert emb.wq.step.shape == (table.shape[0], 1)  # one step per token row
+    if method != "ptq":  # LSQ's init, row by row: 2 * mean|row| / sqrt(Qp), Qp = 3 at 3 bits
+        assert torch.allclose(emb.wq.step[:, 0], 2 * table.abs().mean(1) / 3**0.5)
+        assert emb.wq.step.requires_grad
+    q = emb.quantized_weight().detach() / emb.wq.step.detach()
+    assert torch.equal(q, q.round()) and int(q.min()) >= -4 and int(q.max()) <= 3
+    ids = torch.tensor([[5, 7, 5]])
+    assert torch.equal(emb(ids)[0, 0], emb(ids)[0, 2])
+    assert torch.equal(emb(ids)[0, 1], (q[7] * emb.wq.step[7]).detach())
+    # the encoder's layers keep their own width
+    assert model.bert.encoder.layer[0].intermediate.dense.wq.bits == 2
+
+
+def test_quantize_embeddings_uses_the_weights_width_and_embedding_bits_overrides_it():
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(method="lsq", wbits=4, quantize_embeddings=True))
+    assert model.bert.embeddings.word_embeddings.wq.bits == 4
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(method="lsq", wbits=4, quantize_embeddings=True, embedding_bits=2))
+    assert model.bert.embeddings.word_embeddings.wq.bits == 2
+
+
+@pytest.mark.parametrize("quant,message", [
+    ({"method": "lsq", "embedding_bits": 1}, "quant.embedding_bits: 1 is outside 2..8"),
+    ({"method": "lsq", "embedding_bits": 9}, "quant.embedding_bits: 9 is outside 2..8"),
+    ({"method": "gobo", "wbits": 2, "abits": 32, "embedding_bits": 4}, "quant.embedding_bits: an option of"),
+    ({"method": "qbert", "quantize_embeddings": True}, "quant.quantize_embeddings: an option of"),
+    ({"method": "q8bert", "wbits": 8, "embedding_bits": 4}, "quant.embedding_bits: an option of"),
+])
+def test_embedding_bits_refused_where_it_does_not_apply(quant, message):
+    from squat_cli.errors import RecipeError
+    from squat_cli.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"quant": quant}).complete()

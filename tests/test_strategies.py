@@ -43,6 +43,30 @@ def test_one_step_matches_reference(method, bits, weight_ste):
     assert sum(d > 1e-6 for d in moved) >= 4, moved
 
 
+@pytest.mark.parametrize("method", ["squat", "joint"])
+def test_one_step_with_quantized_embeddings_matches_reference(method):
+    """Word embeddings at 3 bits, one learned step per row: SAM perturbs them and both passes train their steps."""
+    batch = batches(1)[0]
+    emb = "bert.embeddings.word_embeddings"
+    W1, S1 = reference_step(method, 0, batch, 2, embedding_bits=3)
+    model, names = quantized(method, wbits=2, embedding_bits=3)
+    assert emb in names and model.get_submodule(emb).wq.bits == 3
+    s0 = model.get_submodule(emb).wq.step.detach().clone()
+    assert s0.shape == (model.get_submodule(emb).num_embeddings, 1)
+    strategy_for(model, method, RHO).step(batch)
+    got = dict(model.named_parameters())
+    for n, ref in W1.items():
+        assert torch.allclose(got[n], ref, atol=1e-6, rtol=1e-5), n
+    for n, ref in S1.items():  # steps are kept positive after the update (a 3-bit row's step can overshoot 0)
+        assert torch.allclose(got[f"{n}.wq.step"], ref.clamp_min(1e-8), atol=1e-8, rtol=1e-5), n
+    moved = (got[f"{emb}.wq.step"].detach() - s0).abs().reshape(-1)
+    attended = batch["input_ids"][batch["attention_mask"].bool()].unique()
+    assert float(moved[attended].min()) > 0  # the step of every row the encoder attends to moved
+    unused = torch.ones_like(moved, dtype=torch.bool)
+    unused[batch["input_ids"].unique()] = False
+    assert float(moved[unused].abs().max()) == 0.0  # rows no token looked up have no gradient
+
+
 def test_squat_differs_from_joint_and_lsq():
     """The three methods give different parameters after one step (the references above are not vacuous)."""
     batch = batches(1)[0]

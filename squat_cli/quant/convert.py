@@ -89,7 +89,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, init_steps: bool = True,
         if init_steps:
             method.init_weight(q.wq, q.weight.detach(), cfg)
         _set_module(model, name, q)
-    emb_bits = cfg.embedding_bits()
+    emb_bits = cfg.word_embedding_bits()
     if emb_bits is not None:
         emb = model.get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)

@@ -26,15 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _lsq_weight(cfg: "QuantConfig", rows: int, bits: int, embedding: bool) -> "nn.Module":
+    """LSQ's weight quantizer; the word embeddings always get one step per row (per token, as TernaryBERT's
+    row-wise embedding quantization): token vectors differ in norm far more than a layer's rows do."""
     from squat_cli.quant.lsq import LsqQuantizer
 
-    return LsqQuantizer(bits, channels=rows if cfg.per_channel else None, learnable=True)
+    return LsqQuantizer(bits, channels=rows if cfg.per_channel or embedding else None, learnable=True)
 
 
 def _ptq_weight(cfg: "QuantConfig", rows: int, bits: int, embedding: bool) -> "nn.Module":
     from squat_cli.quant.lsq import LsqQuantizer
 
-    return LsqQuantizer(bits, channels=rows if cfg.per_channel else None, learnable=False)
+    return LsqQuantizer(bits, channels=rows if cfg.per_channel or embedding else None, learnable=False)
 
 
 def _max_weight(cfg: "QuantConfig", rows: int, bits: int, embedding: bool) -> "nn.Module":
@@ -103,6 +105,9 @@ def _no_init(wq: "nn.Module", weight, cfg: "QuantConfig") -> None:
 
 
 def _embedding_bits_if_asked(cfg: "QuantConfig") -> Optional[int]:
+    """The LSQ family's: ``quant.embedding_bits``, or the weights' bits under ``quant.quantize_embeddings``."""
+    if cfg.embedding_bits is not None:
+        return cfg.embedding_bits
     return cfg.wbits if cfg.quantize_embeddings else None
 
 
@@ -141,6 +146,8 @@ class Method:
     """(quantizer, weight, cfg): set the weight quantizer's range from the FP weight at conversion."""
     embedding_bits: Callable = _never
     """cfg -> bits of the word embeddings (None: kept FP32)."""
+    takes_embedding_bits: bool = False
+    """Takes ``quant.embedding_bits`` / ``quant.quantize_embeddings`` (the LSQ family and PTQ)."""
     check_layer: Optional[Callable] = None
     """(cfg, rows, module name): refuse a layer the quantizer cannot take, before any layer is swapped."""
     post_training: bool = False
@@ -174,18 +181,19 @@ class Method:
 
 _TABLE = (
     Method("fp", "FP32", "plain", paper_label="FP32", selectable=False),
-    Method("ptq", "PTQ", "none", _ptq_weight, _ptq_act, _ptq_init, _embedding_bits_if_asked, post_training=True),
+    Method("ptq", "PTQ", "none", _ptq_weight, _ptq_act, _ptq_init, _embedding_bits_if_asked, post_training=True,
+           takes_embedding_bits=True),
     Method("q8bert", "Q8BERT", "plain", _max_weight, _max_act, paper_label="Q8BERT"),
     Method("gobo", "GOBO", "none", _gobo_weight, None, _fit_init, _gobo_embedding_bits, post_training=True,
            paper_label="GOBO"),
     Method("qbert", "Q-BERT", "plain", _qbert_weight, _ema_act, embedding_bits=_qbert_embedding_bits,
            check_layer=_qbert_check, mixed_precision=True, paper_label="Q-BERT"),
     Method("lsq", "LSQ", "plain", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, learned_steps=True,
-           paper_label="LSQ"),
+           takes_embedding_bits=True, paper_label="LSQ"),
     Method("joint", "Joint", "joint", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, uses_sam=True,
-           learned_steps=True),
+           takes_embedding_bits=True, learned_steps=True),
     Method("squat", "SQuAT", "squat", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, uses_sam=True,
-           learned_steps=True, paper_label="SQuAT"),
+           takes_embedding_bits=True, learned_steps=True, paper_label="SQuAT"),
     Method("fp-sam", "FP-SAM", "joint", uses_sam=True),
 )
 

@@ -107,7 +107,11 @@ class QuantConfig:
     per_channel: bool = False
     """One step size per output channel instead of one per tensor."""
     quantize_embeddings: bool = False
-    """Also quantize the word embeddings (weights only)."""
+    """Also quantize the word embeddings, at ``wbits`` (LSQ family and PTQ; ``embedding_bits`` sets another width)."""
+    embedding_bits: Optional[int] = None
+    """LSQ family and PTQ: quantize the word embeddings at this many bits (2..8), one learned step per row (per
+    token), trained like the other weights (SAM and SQuAT's step-size pass included); None: FP32 unless
+    ``quantize_embeddings``. Lookups need no activation quantizer."""
     include: Optional[list[str]] = None
     """fnmatch patterns of module names whose nn.Linear layers are quantized; None: every nn.Linear inside
     the encoder's repeated blocks, found by structure (any BERT-family encoder)."""
@@ -166,7 +170,7 @@ class QuantConfig:
         low, high = (int(x) for x in self.mixed.split("/"))
         return low, high
 
-    def embedding_bits(self) -> Optional[int]:
+    def word_embedding_bits(self) -> Optional[int]:
         """Bits of the word embeddings for this method (None: kept FP32)."""
         return get_method(self.method).embedding_bits(self)
 
@@ -314,6 +318,14 @@ class Recipe:
                 raise RecipeError(f"quant.q8bert_ema: {q.q8bert_ema} must be in (0, 1)")
             if method.quantizes and method.weight_only and q.abits != 32:
                 raise RecipeError(f"quant.abits: {q.abits}; {q.method} keeps activations in FP32 (use 32)")
+            if q.embedding_bits is not None or q.quantize_embeddings:
+                key = "quant.embedding_bits" if q.embedding_bits is not None else "quant.quantize_embeddings"
+                if not method.takes_embedding_bits:
+                    takers = ", ".join(names_where(takes_embedding_bits=True))
+                    raise RecipeError(f"{key}: an option of {takers} (method is {q.method}; GOBO and Q-BERT have "
+                                      "their own gobo_/qbert_embedding_bits)")
+                if q.embedding_bits is not None and not 2 <= q.embedding_bits <= 8:
+                    raise RecipeError(f"quant.embedding_bits: {q.embedding_bits} is outside 2..8")
             if q.gobo_embedding_bits is not None and not (1 <= q.gobo_embedding_bits <= 8
                                                           or q.gobo_embedding_bits == 32):
                 raise RecipeError(f"quant.gobo_embedding_bits: {q.gobo_embedding_bits} is outside 1..8 (or 32)")
