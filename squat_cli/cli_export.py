@@ -40,14 +40,30 @@ def export(
     format_: str = typer.Option("packed", "--format", "-f", help="; ".join(f"{f.name}: {f.help}"
                                                                           for f in FORMATS.values()) + "."),
     to: Optional[Path] = typer.Option(None, "--to", help="Export folder (default RUN/export/<format>)."),
-    weight_type: Optional[str] = typer.Option(None, "--weight-type", help="onnx: int8 or int4 weight codes "
-                                              "(default int4 for <= 4-bit runs, else int8)."),
+    weight_type: Optional[str] = typer.Option(None, "--weight-type", help="onnx: int8 or int4 QDQ weight codes "
+                                              "(default int4 for <= 4-bit runs, else int8), or nbits: onnxruntime's "
+                                              "MatMulNBits low-bit kernels (2/4/8-bit fields; 3-bit codes in 4)."),
+    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="onnx nbits: 4 (default; the kernel "
+                                                 "quantizes activations to int8 per block) or 0 (FP32 compute, the "
+                                                 "run's activation steps: the exact graph)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="onnx nbits and quantized embeddings: the "
+                                             "largest block of weights sharing a scale (16..256, default 128)."),
 ) -> None:
     """Write a run as a real low-bit model: packed 2/3/4/8-bit codes, or an ONNX graph."""
+    from squat_cli.export.onnx_lowbit import ACCURACY_LEVELS, BLOCK_SIZES
+
     fmt = _run(get_format, format_)
-    if weight_type is not None and ("weight_type" not in fmt.options or weight_type not in ("int8", "int4")):
-        _fail(f"--weight-type: {weight_type!r} needs --format onnx and one of int8, int4")
-    manifest = _run(fmt.export, run, to, weight_type=weight_type)
+    given = {"weight_type": weight_type, "accuracy_level": accuracy_level, "block_size": block_size}
+    for key, value in given.items():
+        if value is not None and key not in fmt.options:
+            _fail(f"--{key.replace('_', '-')}: an option of --format onnx")
+    if weight_type is not None and weight_type not in ("int8", "int4", "nbits"):
+        _fail(f"--weight-type: {weight_type!r} is not one of int8, int4, nbits")
+    if accuracy_level is not None and (weight_type != "nbits" or accuracy_level not in ACCURACY_LEVELS):
+        _fail(f"--accuracy-level: {accuracy_level} needs --weight-type nbits and one of 0, 4")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        _fail(f"--block-size: {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    manifest = _run(fmt.export, run, to, **{k: v for k, v in given.items() if v is not None})
     if "quantized_layers" in manifest["size"]:
         print_size_report(manifest)
     else:

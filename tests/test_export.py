@@ -25,6 +25,7 @@ METHODS = {
     "ptq-w4a8": ["--method", "ptq", "--wbits", "4"],
     "gobo-w2a32": ["--method", "gobo", "--wbits", "2"],  # word embeddings too (2-bit codebook)
     "qbert-w3a8": ["--method", "qbert", "--wbits", "3", "--set", "quant.qbert_groups=16"],
+    "lsq-w2a8": ["--method", "lsq", "--wbits", "2", "--set", "quant.embedding_bits=3"],  # 3-bit word embeddings
 }
 
 
@@ -215,7 +216,8 @@ def test_deberta_v2_exports_to_onnx_with_the_inputs_it_takes(tmp_path, glue_dir,
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("variant,why", [("gobo-w2a32", "have no QDQ form"), ("qbert-w3a8", "have no QDQ form")])
+@pytest.mark.parametrize("variant,why", [("gobo-w2a32", "a codebook weight (GOBO or Q-BERT) has no exact ONNX QDQ form"),
+                                        ("qbert-w3a8", "a group weight (GOBO or Q-BERT) has no exact ONNX QDQ form")])
 def test_onnx_refuses_what_has_no_qdq_form(runs, tmp_path, variant, why):
     pytest.importorskip("onnx")
     res = runner.invoke(app, ["export", str(_run(runs, variant)), "--format", "onnx", "--to", str(tmp_path / "o")])
@@ -341,3 +343,139 @@ def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):
     _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nothing")]), "no such file or folder")
     _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a run folder, a packed export")
     _one_line_error(runner.invoke(app, ["evaluate", str(good), "--precision", "fp16"]), "--precision: 'fp16'")
+
+
+def _lowbit_nodes(graph, op):
+    return [n for n in graph.node if n.op_type == op and n.domain == "com.microsoft"]
+
+
+def _init(graph, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(i for i in graph.initializer if i.name == name))
+
+
+def _ort_vs_torch(run, folder, glue_dir):
+    """(max |logit difference|, onnx metrics, torch FP32 metrics) on the dev set."""
+    from squat_cli.export.onnx import load_onnx
+
+    fq, tok, recipe, task = load_run_model(RunDir(run))
+    ort_model, _, _ = load_onnx(folder)
+    data = load_task_data(recipe, tok, need_train=False)
+    from squat_cli.batching import eval_loader
+
+    loader, _ = eval_loader(next(iter(data.dev.values())), 16, tok.pad_token_id)
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+    return float((_logits(ort_model, batches) - _logits(fq.float(), batches)).abs().max())
+
+
+def test_quantized_word_embeddings_export_as_an_exact_lowbit_lookup(runs, glue_dir, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from squat_cli.export.onnx_lowbit import decode_block_quantized
+
+    run = _run(runs, "lsq-w2a8")
+    fq, _, _, _ = load_run_model(RunDir(run))
+    emb = fq.bert.embeddings.word_embeddings
+    table = emb.wq(emb.weight.detach().float()).detach()
+    # packed: 3-bit codes + one step per row
+    res = runner.invoke(app, ["export", str(run), "--to", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    layer = json.loads((tmp_path / "p" / "manifest.json").read_text())["layers"]["bert.embeddings.word_embeddings"]
+    assert (layer["bits"], layer["granularity"], layer["module"]) == (3, "channel", "QuantEmbedding")
+    # ONNX: a GatherBlockQuantized in 4-bit fields whose table decodes to the run's, bit for bit
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--to", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    (gbq,) = _lowbit_nodes(graph, "GatherBlockQuantized")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gbq.attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["quantize_axis"] == 1
+    data, scales = _init(graph, gbq.input[0]), _init(graph, gbq.input[2])
+    assert data.shape == (30522, 16) and scales.shape == (30522, 1)  # 32 features in 4-bit fields, 1 block per row
+    assert torch.equal(decode_block_quantized(data, scales, 4, 32), table)
+    assert not [i for i in graph.initializer if i.name.endswith("word_embeddings.weight")]  # no FP32 table left
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["kernels"]["embeddings"] == {"op": "GatherBlockQuantized", "bits": 3, "field_bits": 4}
+    assert _ort_vs_torch(run, tmp_path / "o", glue_dir) < 1e-3
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "o"), "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("variant,field", [("squat-w2a8", 2), ("squat-w3a8", 4), ("squat-w4a8", 4),
+                                           ("q8bert-w8a8", 8), ("lsq-w2a8", 2)])
+def test_nbits_graph_weights_decode_to_the_run_weights_bit_for_bit(runs, glue_dir, tmp_path, variant, field):
+    onnx = pytest.importorskip("onnx")
+    from squat_cli.export.onnx_lowbit import decode_block_quantized
+    from squat_cli.quant.qlinear import QuantLinear, quant_layers
+
+    run = _run(runs, variant)
+    out = tmp_path / "n"
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--weight-type", "nbits", "--to", str(out)])
+    assert res.exit_code == 0, res.output
+    graph = onnx.load(str(out / "model.onnx")).graph
+    nodes = _lowbit_nodes(graph, "MatMulNBits")
+    assert len(nodes) == 12
+    assert not [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]  # level 4: none left
+    fq, _, _, _ = load_run_model(RunDir(run))
+    weights = {f"model.{n}.weight_t.nbits": layer for n, layer in quant_layers(fq) if isinstance(layer, QuantLinear)}
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        layer = weights[node.input[1]]
+        w = layer.wq(layer.weight.detach().float()).detach()
+        assert (attrs["N"], attrs["K"]) == tuple(w.shape) and attrs["bits"] == field and attrs["accuracy_level"] == 4
+        packed, scales = _init(graph, node.input[1]), _init(graph, node.input[2])
+        block = attrs["block_size"]
+        assert block == w.shape[1]  # K is 32 or 64: the largest block up to 128 that divides it
+        assert packed.shape == (w.shape[0], w.shape[1] // block, block * field // 8)
+        got = decode_block_quantized(packed, scales.reshape(w.shape[0], -1), field, w.shape[1])
+        assert torch.equal(got, w), node.input[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weight_type"] == "nbits" and manifest["kernels"]["linear"]["accuracy_level"] == 4
+    # scored: int8 activations per block instead of the run's steps; within the QDQ graphs' tolerance
+    res = runner.invoke(app, ["evaluate", str(out), "--data-dir", str(glue_dir)])
+    assert res.exit_code == 0, res.output
+    got = json.loads((out / "eval_metrics.json").read_text())
+    res = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(glue_dir), "--precision", "fp32",
+                              "--out", str(tmp_path / "fp32.json")])
+    ref = json.loads((tmp_path / "fp32.json").read_text())
+    assert abs(got["accuracy"] - ref["accuracy"]) <= 1 / 40 + 1e-9
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=5e-3)
+
+
+def test_nbits_accuracy_level_0_is_the_exact_graph(runs, glue_dir, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    run = _run(runs, "squat-w2a8")
+    out = tmp_path / "n0"
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--weight-type", "nbits",
+                              "--accuracy-level", "0", "--block-size", "16", "--to", str(out)])
+    assert res.exit_code == 0, res.output
+    graph = onnx.load(str(out / "model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = _lowbit_nodes(graph, "MatMulNBits")
+    assert len(nodes) == 12
+    for node in nodes:  # the run's activation step in front of each layer: Q -> DQ -> MatMulNBits
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["accuracy_level"] == 0 and attrs["block_size"] == 16
+        act = producer[node.input[0]]
+        assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "QuantizeLinear"
+    level0 = _ort_vs_torch(run, out, glue_dir)
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx", "--weight-type", "nbits", "--to",
+                              str(tmp_path / "n4")])
+    assert res.exit_code == 0, res.output
+    level4 = _ort_vs_torch(run, tmp_path / "n4", glue_dir)
+    assert level0 < 1e-4 and level4 > 10 * level0  # level 0 computes the run's function; level 4 approximates it
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "onnx", "--weight-type", "nbits"], "(GOBO or Q-BERT) has no exact"),
+    (["--format", "onnx", "--weight-type", "int2"], "--weight-type: 'int2' is not one of int8, int4, nbits"),
+    (["--format", "onnx", "--accuracy-level", "0"], "--accuracy-level: 0 needs --weight-type nbits"),
+    (["--format", "onnx", "--weight-type", "nbits", "--accuracy-level", "2"], "needs --weight-type nbits and one of"),
+    (["--format", "onnx", "--weight-type", "nbits", "--block-size", "48"], "--block-size: 48 is not one of"),
+    (["--format", "packed", "--weight-type", "nbits"], "--weight-type: an option of --format onnx"),
+])
+def test_nbits_refusals(runs, tmp_path, args, message):
+    pytest.importorskip("onnx")
+    run = _run(runs, "qbert-w3a8" if "no exact" in message else "squat-w2a8")
+    res = runner.invoke(app, ["export", str(run), *args, "--to", str(tmp_path / "o")])
+    _one_line_error(res, message)
+    assert not (tmp_path / "o").exists()

@@ -30,7 +30,7 @@ def _load_packed(path: Path):
 def _export_onnx(run: Path, to: Optional[Path], weight_type: Optional[str] = None, **options) -> dict[str, Any]:
     from squat_cli.export.onnx import export_onnx
 
-    return export_onnx(run, to, weight_type)
+    return export_onnx(run, to, weight_type, **{k: v for k, v in options.items() if v is not None})
 
 
 def _load_onnx(path: Path):
@@ -75,7 +75,7 @@ class ExportFormat:
     runs_in: Optional[str] = None
     """The precision it always runs in (ONNX graphs: fp32); None: the run's own."""
     options: tuple[str, ...] = ()
-    """The format options ``export`` takes (``weight_type``)."""
+    """The format options ``export`` takes (``weight_type``, ``accuracy_level``, ``block_size``)."""
 
     def folder(self, path: Path) -> Path:
         """The export folder of ``path`` (a folder, or the file inside one)."""
@@ -85,8 +85,8 @@ class ExportFormat:
 FORMATS: dict[str, ExportFormat] = {
     "packed": ExportFormat("packed", "safetensors of packed integer codes + manifest", _export_packed, _load_packed,
                            _is_packed),
-    "onnx": ExportFormat("onnx", "QDQ graph for onnxruntime", _export_onnx, _load_onnx, _is_onnx, runs_in="fp32",
-                         options=("weight_type",)),
+    "onnx": ExportFormat("onnx", "graph for onnxruntime (QDQ; MatMulNBits kernels with --weight-type nbits)",
+                         _export_onnx, _load_onnx, _is_onnx, runs_in="fp32", options=("weight_type", "accuracy_level", "block_size")),
 }
 
 

@@ -36,6 +36,16 @@ from torch import nn
 from squat_cli.errors import RunError
 from squat_cli.export.card import model_card
 from squat_cli.export.codes import ExportError, encode_weight
+from squat_cli.export.onnx_lowbit import (
+    ACCURACY_LEVELS,
+    BLOCK_SIZES,
+    DEFAULT_BLOCK,
+    gather_block_quantized,
+    kernel_bits,
+    matmul_nbits,
+    signed_codes,
+)
+from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
 from squat_cli.export.folder import (
     check_destination,
     check_exportable,
@@ -115,12 +125,12 @@ class _Logits(nn.Module):
 
 def _check_layer(name: str, layer: nn.Module) -> torch.Tensor:
     """The layer's weight scale; refuses what has no exact QDQ form."""
-    if isinstance(layer, QuantEmbedding):
-        raise ExportError(f"{name}: quantized word embeddings have no QDQ form here; use --format packed")
     _, desc = encode_weight(name, layer)
     if desc["kind"] != "uniform":
         raise ExportError(f"{name}: a {desc['kind']} weight (GOBO or Q-BERT) has no exact ONNX QDQ form; "
                           "use --format packed")
+    if isinstance(layer, QuantEmbedding):
+        return layer.wq.step.detach().float()  # a lookup: no activation to quantize
     aq = layer.aq
     if aq is not None and bool(getattr(aq, "initialized", True)):
         if not isinstance(aq, (LsqQuantizer, MaxQuantizer)) or aq.bits != 8:
@@ -189,13 +199,32 @@ def _fold_weight_quantizers(graph, weight_bits: dict[str, int]) -> int:
     return stored
 
 
-def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional[str] = None) -> dict[str, Any]:
-    """Write ``<to>/model.onnx`` (default ``<run>/export/onnx``) with tokenizer, config and manifest."""
+WEIGHT_TYPES = ("int8", "int4", "nbits")
+
+
+def _dequantized_embedding(layer: QuantEmbedding) -> nn.Embedding:
+    """A plain lookup table holding the run's quantized table (the exporter's Gather, rewritten afterwards)."""
+    emb = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx)
+    emb.weight = nn.Parameter(layer.wq(layer.weight.detach().float()).detach(), requires_grad=False)
+    return emb
+
+
+def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional[str] = None,
+                accuracy_level: int = 4, block_size: int = DEFAULT_BLOCK) -> dict[str, Any]:
+    """Write ``<to>/model.onnx`` (default ``<run>/export/onnx``) with tokenizer, config and manifest.
+
+    ``weight_type``: ``int8`` / ``int4`` QDQ weight codes (default: int4 for <= 4-bit layers), or ``nbits``:
+    ``MatMulNBits`` kernels (``accuracy_level`` 4 or 0, blocks of at most ``block_size``; see ``onnx_lowbit``).
+    Quantized word embeddings are a ``GatherBlockQuantized`` lookup in every case."""
     onnx, ort = _need_onnx()
     from squat_cli.run_model import load_run_model
 
-    if weight_type not in (None, "int8", "int4"):
-        raise RunError(f"--weight-type: {weight_type!r} is not one of int8, int4")
+    if weight_type not in (None, *WEIGHT_TYPES):
+        raise RunError(f"--weight-type: {weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise RunError(f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}")
+    if block_size not in BLOCK_SIZES:
+        raise RunError(f"--block-size: {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     run = RunDir(Path(run_path))
     check_exportable(run)
     out = Path(to) if to is not None else run.path / "export" / "onnx"
@@ -211,13 +240,21 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
     traced = copy.deepcopy(model).float().eval()
     if hasattr(traced.config, "_attn_implementation"):
         traced.config._attn_implementation = "eager"  # exports everywhere; same function as SDPA
-    weight_bits = {}
+    weight_bits, lowbit = {}, {}
     for name, _ in layers:
         layer = traced.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        setattr(traced.get_submodule(parent) if parent else traced, child, _QdqLinear(layer, scales[name]))
+        embedding = isinstance(layer, QuantEmbedding)
+        if embedding or weight_type == "nbits":
+            try:
+                lowbit[name] = signed_codes(name, layer)
+            except ExportError as exc:
+                raise RunError(f"{run.path}: {exc}") from None
+        replacement = _dequantized_embedding(layer) if embedding else _QdqLinear(layer, scales[name])
+        setattr(traced.get_submodule(parent) if parent else traced, child, replacement)
         bits = layer.wq.bits
-        weight_bits[f"model.{name}.weight_t"] = 8 if weight_type == "int8" else (4 if weight_type == "int4" else bits)
+        if not embedding:
+            weight_bits[f"model.{name}.weight_t"] = 8 if weight_type == "int8" else (4 if weight_type == "int4" else bits)
     sample = tokenizer(["a first sentence", "a second one"], ["and its pair", "b"], return_tensors="pt", padding=True)
     names = tuple(n for n in INPUTS if n in sample)
     wrapper = _Logits(traced, names)
@@ -229,18 +266,39 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                               dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
         graph_model = onnx.load(str(tmp / MODEL_FILE))
         names = tuple(i.name for i in graph_model.graph.input)  # what the model takes (DeBERTa-v2: no token types)
-        weight_bytes = _fold_weight_quantizers(graph_model.graph, weight_bits)
+        graph = graph_model.graph
+        kernels: dict[str, Any] = {}
+        weight_bytes = 0
+        try:
+            for name, (codes, step, bits) in lowbit.items():
+                if isinstance(model.get_submodule(name), QuantEmbedding):
+                    weight_bytes += gather_block_quantized(graph, f"model.{name}.weight", codes, step, bits, block_size)
+                    kernels["embeddings"] = {"op": "GatherBlockQuantized", "bits": bits,
+                                             "field_bits": kernel_bits(bits)}
+                else:
+                    fact = matmul_nbits(graph, f"model.{name}.weight_t", codes, step, bits, block_size, accuracy_level)
+                    weight_bits.pop(f"model.{name}.weight_t")
+                    weight_bytes += fact["bytes"]
+                    kernels["linear"] = {"op": "MatMulNBits", "accuracy_level": accuracy_level,
+                                         "max_block_size": block_size}
+        except ExportError as exc:
+            raise RunError(f"{run.path}: {exc}") from None
+        if lowbit and LOWBIT_DOMAIN not in {o.domain for o in graph_model.opset_import}:
+            graph_model.opset_import.append(onnx.helper.make_opsetid(LOWBIT_DOMAIN, 1))
+        weight_bytes += _fold_weight_quantizers(graph, weight_bits)
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, str(tmp / MODEL_FILE))
         session = ort.InferenceSession(str(tmp / MODEL_FILE), session_options(ort), providers=["CPUExecutionProvider"])
         session.run(None, {n: sample[n].numpy() for n in names})  # it runs
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        types = sorted({"int4" if b <= 4 else "int8" for b in weight_bits.values()})
+        types = sorted({"int4" if b <= 4 else "int8" for b in weight_bits.values()}
+                       | ({"nbits"} if "linear" in kernels else set()))
         facts = run_facts(run, recipe)
         facts["dev_metrics"] = {k: run.metrics()[k] for k in (*task.metric_names(), "eval_loss") if k in run.metrics()}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "opset": OPSET,
                     "sha256": sha256_file(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
+                    "kernels": kernels,
                     "source_run": facts,
                     "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
         write_text(tmp / "README.md", model_card("onnx", facts, recipe, task, manifest["size"]))
