@@ -86,7 +86,8 @@ FORMATS: dict[str, ExportFormat] = {
     "packed": ExportFormat("packed", "safetensors of packed integer codes + manifest", _export_packed, _load_packed,
                            _is_packed),
     "onnx": ExportFormat("onnx", "graph for onnxruntime (QDQ; MatMulNBits kernels with --weight-type nbits)",
-                         _export_onnx, _load_onnx, _is_onnx, runs_in="fp32", options=("weight_type", "accuracy_level", "block_size")),
+                         _export_onnx, _load_onnx, _is_onnx, runs_in="fp32",
+                         options=("weight_type", "accuracy_level", "block_size")),
 }
 
 

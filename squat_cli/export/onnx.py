@@ -36,16 +36,6 @@ from torch import nn
 from squat_cli.errors import RunError
 from squat_cli.export.card import model_card
 from squat_cli.export.codes import ExportError, encode_weight
-from squat_cli.export.onnx_lowbit import (
-    ACCURACY_LEVELS,
-    BLOCK_SIZES,
-    DEFAULT_BLOCK,
-    gather_block_quantized,
-    kernel_bits,
-    matmul_nbits,
-    signed_codes,
-)
-from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
 from squat_cli.export.folder import (
     check_destination,
     check_exportable,
@@ -56,6 +46,16 @@ from squat_cli.export.folder import (
     source_settings,
     source_task,
 )
+from squat_cli.export.onnx_lowbit import (
+    ACCURACY_LEVELS,
+    BLOCK_SIZES,
+    DEFAULT_BLOCK,
+    gather_block_quantized,
+    kernel_bits,
+    matmul_nbits,
+    signed_codes,
+)
+from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
