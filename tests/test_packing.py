@@ -130,3 +130,29 @@ def test_activation_quantizers_rebuild_exactly(aq):
     tensors, desc = act_state(aq)
     again = build_act_quantizer(tensors, desc)
     assert desc["bits"] == 8 and torch.equal(again(x), aq(x))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_embedding_codes_round_trip_at_every_width(bits):
+    """A per-row LSQ word-embedding table: packed codes and the block-quantized (ONNX kernel) form both decode to
+    the table the run looks up, bit for bit; the kernel stores 3 bits in 4-bit fields, 5-7 in 8-bit ones."""
+    from squat_cli.export.onnx_lowbit import block_quantized, decode_block_quantized, kernel_bits, signed_codes
+    from squat_cli.quant.qlinear import QuantEmbedding
+
+    g = torch.Generator().manual_seed(bits)
+    emb = torch.nn.Embedding(50, 64, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(50, 64, generator=g) * torch.rand(50, 1, generator=g))
+    layer = QuantEmbedding.from_embedding(emb, LsqQuantizer(bits, channels=50))
+    layer.wq.init_lsq(layer.weight.detach())
+    table = layer.quantized_weight().detach()
+    tensors, desc = encode_weight("emb", layer)
+    assert desc["granularity"] == "channel" and tensors["codes"].numel() == 50 * 64 * bits // 8
+    assert torch.equal(decode_weight(tensors, desc), table)
+    codes, step, got_bits = signed_codes("emb", layer)
+    assert got_bits == bits and int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) < 2 ** (bits - 1)
+    field = kernel_bits(bits)
+    assert field == {2: 2, 3: 4, 4: 4}.get(bits, 8)
+    packed, scales = block_quantized(codes, step, bits, 32)
+    assert packed.shape == (50, 2, 32 * field // 8) and scales.shape == (50, 2)
+    assert torch.equal(decode_block_quantized(packed, scales, field, 64), table)
