@@ -92,7 +92,7 @@ def measure_one(kind: str, path: str, task: str, threads: int, rounds: int, data
         import onnx
         import onnxruntime as ort
 
-        from squat_cli.export.onnx import OrtModel, session_options
+        from squat_cli.export.onnx_runtime import OrtModel, session_options
         from squat_cli.tasks import get_task
 
         opts = session_options(ort)

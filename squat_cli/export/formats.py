@@ -34,7 +34,7 @@ def _export_onnx(run: Path, to: Optional[Path], weight_type: Optional[str] = Non
 
 
 def _load_onnx(path: Path):
-    from squat_cli.export.onnx import load_onnx
+    from squat_cli.export.onnx_runtime import load_onnx
 
     return load_onnx(path)
 

@@ -30,7 +30,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from squat_cli.errors import RunError
@@ -39,12 +38,8 @@ from squat_cli.export.codes import ExportError, encode_weight
 from squat_cli.export.folder import (
     check_destination,
     check_exportable,
-    plain_name,
-    read_manifest_file,
     run_facts,
     seal,
-    source_settings,
-    source_task,
 )
 from squat_cli.export.onnx_lowbit import (
     ACCURACY_LEVELS,
@@ -56,32 +51,14 @@ from squat_cli.export.onnx_lowbit import (
     signed_codes,
 )
 from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
+from squat_cli.export.onnx_runtime import FORMAT, FORMAT_VERSION, INPUTS, need_onnx, session_options
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json, write_text
 
-FORMAT = "squat-onnx"
-FORMAT_VERSION = 2
 OPSET = 21
 MODEL_FILE = "model.onnx"
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _need_onnx():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise RunError("ONNX export and evaluation need onnx and onnxruntime: pip install 'squat[onnx]'") from None
-    return onnx, onnxruntime
-
-
-def session_options(ort):
-    """onnxruntime session options as squat uses them (errors only in the log)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    return opts
 
 
 class _QdqLinear(nn.Module):
@@ -216,7 +193,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
     ``weight_type``: ``int8`` / ``int4`` QDQ weight codes (default: int4 for <= 4-bit layers), or ``nbits``:
     ``MatMulNBits`` kernels (``accuracy_level`` 4 or 0, blocks of at most ``block_size``; see ``onnx_lowbit``).
     Quantized word embeddings are a ``GatherBlockQuantized`` lookup in every case."""
-    onnx, ort = _need_onnx()
+    onnx, ort = need_onnx()
     from squat_cli.run_model import load_run_model
 
     if weight_type not in (None, *WEIGHT_TYPES):
@@ -305,59 +282,3 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
         manifest = seal(manifest, tmp)
         write_json(tmp / "manifest.json", manifest)
     return manifest
-
-
-class OrtModel(nn.Module):
-    """An onnxruntime session behind the ``model(**batch)`` interface (``.logits``, and ``.loss`` given labels)."""
-
-    def __init__(self, session, inputs: list[str], regression: bool):
-        super().__init__()
-        self.session = session
-        self.inputs = inputs
-        self.regression = regression
-
-    def forward(self, labels: Optional[torch.Tensor] = None, **batch):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        feed = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.inputs}
-        logits = torch.from_numpy(self.session.run(["logits"], feed)[0])
-        loss = None
-        if labels is not None:
-            if self.regression:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def load_onnx(path: Path, threads: Optional[int] = None):
-    """(model-like runner, tokenizer, manifest) of an ONNX export folder or its ``model.onnx``."""
-    _, ort = _need_onnx()
-    from squat_cli.models import load_tokenizer
-
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    manifest = read_manifest_file(folder, FORMAT, FORMAT_VERSION, "export with squat export --format onnx")
-    file = folder / "manifest.json"
-    model_file = folder / plain_name(manifest, "model_file", file)
-    if path.is_file() and path.name != model_file.name:
-        raise RunError(f"{path}: not the graph its folder's manifest names ({model_file.name})")
-    task = source_task(source_settings(manifest, file))
-    opts = session_options(ort)
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RunError(f"{model_file}: onnxruntime cannot load it ({type(exc).__name__})") from None
-    graph_inputs = [i.name for i in session.get_inputs()]
-    declared = manifest.get("inputs")
-    if not isinstance(declared, list) or sorted(declared) != sorted(graph_inputs) \
-            or not set(graph_inputs) <= set(INPUTS):
-        raise RunError(f"{file}: inputs {declared!r} do not match the graph's {graph_inputs}")
-    labels = task.num_labels
-    out_shape = session.get_outputs()[0].shape
-    if session.get_outputs()[0].name != "logits" or out_shape[-1] != labels:
-        raise RunError(f"{model_file}: its output {session.get_outputs()[0].name} {out_shape} is not {task.name}'s "
-                       f"{labels} logits per example (a graph of another task?)")
-    return OrtModel(session, graph_inputs, task.is_regression), load_tokenizer(str(folder)), manifest
