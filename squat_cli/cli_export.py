@@ -67,7 +67,9 @@ def export(
     if "quantized_layers" in manifest["size"]:
         print_size_report(manifest)
     else:
-        console.print(f"ONNX graph: {manifest['size']['file_bytes'] / 1024:,.1f} KiB "
+        size = manifest["size"]
+        ratio = size["fp32_checkpoint_bytes"] / size["file_bytes"]
+        console.print(f"ONNX graph: {size['file_bytes'] / 1024:,.1f} KiB, 1/{ratio:.2f} of the FP32 checkpoint "
                       f"({manifest['weight_type']} weights, opset {manifest['opset']})", highlight=False)
     where = to or run / "export" / fmt.name
     console.print(f"export folder: {where}", highlight=False)

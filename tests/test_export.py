@@ -395,6 +395,10 @@ def test_quantized_word_embeddings_export_as_an_exact_lowbit_lookup(runs, glue_d
     assert not [i for i in graph.initializer if i.name.endswith("word_embeddings.weight")]  # no FP32 table left
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["kernels"]["embeddings"] == {"op": "GatherBlockQuantized", "bits": 3, "field_bits": 4}
+    size = manifest["size"]  # the FP32 checkpoint: the FP run's weights file, less its safetensors header
+    fp_file = (RunDir(run).path.parent.parent / "fp" / "seed42" / "model" / "model.safetensors").stat().st_size
+    assert 0 < fp_file - size["fp32_checkpoint_bytes"] < 64 * 1024
+    assert "1/" in res.output and "of the FP32 checkpoint" in res.output
     assert _ort_vs_torch(run, tmp_path / "o", glue_dir) < 1e-3
     res = runner.invoke(app, ["evaluate", str(tmp_path / "o"), "--data-dir", str(glue_dir)])
     assert res.exit_code == 0, res.output

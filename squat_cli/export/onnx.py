@@ -54,7 +54,7 @@ from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
 from squat_cli.export.onnx_runtime import FORMAT, FORMAT_VERSION, INPUTS, need_onnx, session_options
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
-from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, quant_layers
+from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, quant_layers
 from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json, write_text
 
 OPSET = 21
@@ -179,6 +179,12 @@ def _fold_weight_quantizers(graph, weight_bits: dict[str, int]) -> int:
 WEIGHT_TYPES = ("int8", "int4", "nbits")
 
 
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's FP32 checkpoint (every state-dict tensor but the quantizers' in FP32)."""
+    return sum(4 * v.numel() if v.is_floating_point() else v.numel() * v.element_size()
+               for k, v in model.state_dict().items() if not is_quantizer_key(k))
+
+
 def _dequantized_embedding(layer: QuantEmbedding) -> nn.Embedding:
     """A plain lookup table holding the run's quantized table (the exporter's Gather, rewritten afterwards)."""
     emb = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx)
@@ -277,7 +283,8 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                     "sha256": sha256_file(tmp / MODEL_FILE), "inputs": list(names), "weight_type": "+".join(types),
                     "kernels": kernels,
                     "source_run": facts,
-                    "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes}}
+                    "size": {"file_bytes": (tmp / MODEL_FILE).stat().st_size, "quantized_weight_bytes": weight_bytes,
+                             "fp32_checkpoint_bytes": fp32_bytes(model)}}
         write_text(tmp / "README.md", model_card("onnx", facts, recipe, task, manifest["size"]))
         manifest = seal(manifest, tmp)
         write_json(tmp / "manifest.json", manifest)
