@@ -466,7 +466,11 @@ def test_nbits_accuracy_level_0_is_the_exact_graph(runs, glue_dir, tmp_path):
                               str(tmp_path / "n4")])
     assert res.exit_code == 0, res.output
     level4 = _ort_vs_torch(run, tmp_path / "n4", glue_dir)
-    assert level0 < 1e-4 and level4 > 10 * level0  # level 0 computes the run's function; level 4 approximates it
+    import onnxruntime
+
+    assert level0 < 1e-4  # level 0 computes the run's function
+    if tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) >= (1, 29):
+        assert level4 > 10 * level0  # level 4 quantizes the activations per block (2-bit int8 kernels since 1.29)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -51,6 +51,7 @@ from squat_cli.export.onnx_lowbit import (
     signed_codes,
 )
 from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
+from squat_cli.export.onnx_lowbit import MIN_ORT as LOWBIT_MIN_ORT
 from squat_cli.export.onnx_runtime import FORMAT, FORMAT_VERSION, INPUTS, need_onnx, session_options
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
@@ -271,8 +272,14 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
         weight_bytes += _fold_weight_quantizers(graph, weight_bits)
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, str(tmp / MODEL_FILE))
-        session = ort.InferenceSession(str(tmp / MODEL_FILE), session_options(ort), providers=["CPUExecutionProvider"])
-        session.run(None, {n: sample[n].numpy() for n in names})  # it runs
+        try:
+            session = ort.InferenceSession(str(tmp / MODEL_FILE), session_options(ort),
+                                           providers=["CPUExecutionProvider"])
+            session.run(None, {n: sample[n].numpy() for n in names})  # it runs
+        except Exception as exc:  # onnxruntime raises its own exception types
+            need = f"; the low-bit kernels need onnxruntime >= {LOWBIT_MIN_ORT}" if kernels else ""
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"onnxruntime {ort.__version__} cannot run the exported graph ({first}){need}") from None
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         types = sorted({"int4" if b <= 4 else "int8" for b in weight_bits.values()}

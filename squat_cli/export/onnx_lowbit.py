@@ -1,5 +1,7 @@
 """Low-bit ONNX kernels for squat's uniform grids: ``MatMulNBits`` for linear layers, ``GatherBlockQuantized``
-for the word embeddings (onnxruntime's ``com.microsoft`` operators, CPU kernels in onnxruntime >= 1.20).
+for the word embeddings (onnxruntime's ``com.microsoft`` operators). Checked on onnxruntime 1.27, 1.29 and 1.32:
+1.24 has no 2-bit ``GatherBlockQuantized`` and 1.22 no 2-bit ``MatMulNBits``; before 1.29 a 2-bit
+``MatMulNBits`` computes in FP32 whatever its accuracy level.
 
 Both take block-wise quantized weights: unsigned ``b``-bit codes ``u`` packed along the reduction axis (low bits
 first, the layout of ``export/packing.py``), one FP32 scale per block of ``block_size`` consecutive elements of a
@@ -35,6 +37,7 @@ KERNEL_BITS = (2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK = 128
 ACCURACY_LEVELS = (0, 4)
+MIN_ORT = "1.27"
 
 
 def kernel_bits(bits: int) -> int:
