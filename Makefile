@@ -26,7 +26,7 @@ demo: $(VENV)/.demo
 	@$(VENV)/bin/squat sweep recipes/demo.yaml --out runs --reports reports
 
 test: $(VENV)/.dev
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q --durations=15
 
 lint: $(VENV)/.dev
 	@$(VENV)/bin/ruff check squat_cli tests bench
