@@ -1,6 +1,6 @@
 """Run every benchmark and write ``bench/RESULTS.md``: the speed goals, met or not, then each report.
 
-    python bench/run_all.py [--quick] [--data-dir DIR] [--skip steps,epochs,precision,profile]
+    python bench/run_all.py [--quick] [--data-dir DIR] [--skip steps,epochs,precision,profile,kernels]
 
 Runs, one after another (never two at once: they would share the cores):
 
@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny workloads: checks the scripts, not the speed")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--skip", default="", help="parts to reuse from their last JSON: steps,epochs,precision,profile")
+    ap.add_argument("--skip", default="", help="parts to reuse from their last run: steps,epochs,precision,profile,kernels")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -115,6 +115,8 @@ def main() -> None:
         shape = ["--batch", "4", "--tokens", "16", "--steps", "1"] if args.quick else []
         for method in ("fp", "lsq", "squat"):
             run("profile_step.py", "--method", method, *shape, "--out", str(HERE / f"PROFILE-{method}.md"))
+    if "kernels" not in skip:
+        run("nbits_kernels.py", "--rounds", "2" if args.quick else "50", "--out", str(HERE / "RESULTS-nbits-kernels.md"))
 
     def load(name: str) -> dict:
         path = HERE / name
@@ -132,7 +134,7 @@ def main() -> None:
         text = notes.read_text().replace("\n## ", "\n### ").replace("\n# ", "\n## ")
         lines += ["#" + text if text.startswith("# ") else text, ""]
     for part in ("RESULTS-steps.md", "RESULTS-epochs.md", "RESULTS-precision.md", "PROFILE-fp.md", "PROFILE-lsq.md",
-                 "PROFILE-squat.md"):
+                 "PROFILE-squat.md", "RESULTS-nbits-kernels.md"):
         path = HERE / part
         if path.is_file():
             text = path.read_text().replace("\n# ", "\n## ").replace("\n### ", "\n#### ")
