@@ -122,10 +122,8 @@ def test_killed_sweep_resumes_without_repeating(tmp_path, tiny_bert, glue_dir):
 def test_two_shards_share_one_runs_folder(tmp_path, tiny_bert, glue_dir):
     recipe = _tiny_grid(tmp_path, tiny_bert, glue_dir)
     runs = tmp_path / "runs"
-    outs = []
-    for i in range(2):
-        outs.append(_sweep([str(recipe), "--out", str(runs), "--shard", f"{i}/2", "--no-report"]).communicate(
-            timeout=300)[0])
+    workers = [_sweep([str(recipe), "--out", str(runs), "--shard", f"{i}/2", "--no-report"]) for i in range(2)]
+    outs = [w.communicate(timeout=300)[0] for w in workers]  # two workers at once, as on a cluster
     grid = load_grid(recipe)
     assert all(s == "done" for s in dict(describe(grid, plan(grid), runs)).values())
     ran = [line for o in outs for line in o.splitlines() if line.startswith("[")]
