@@ -146,8 +146,6 @@ class Method:
     """(quantizer, weight, cfg): set the weight quantizer's range from the FP weight at conversion."""
     embedding_bits: Callable = _never
     """cfg -> bits of the word embeddings (None: kept FP32)."""
-    takes_embedding_bits: bool = False
-    """Takes ``quant.embedding_bits`` / ``quant.quantize_embeddings`` (the LSQ family and PTQ)."""
     check_layer: Optional[Callable] = None
     """(cfg, rows, module name): refuse a layer the quantizer cannot take, before any layer is swapped."""
     post_training: bool = False
@@ -168,6 +166,12 @@ class Method:
         return self.weight_quantizer is not None
 
     @property
+    def takes_embedding_bits(self) -> bool:
+        """Takes ``quant.embedding_bits`` / ``quant.quantize_embeddings`` (the LSQ family and PTQ; GOBO and
+        Q-BERT have their own keys)."""
+        return self.embedding_bits is _embedding_bits_if_asked
+
+    @property
     def weight_only(self) -> bool:
         """Activations stay FP32, so the run's variant is always ``a32``."""
         return self.act_quantizer is None
@@ -181,19 +185,18 @@ class Method:
 
 _TABLE = (
     Method("fp", "FP32", "plain", paper_label="FP32", selectable=False),
-    Method("ptq", "PTQ", "none", _ptq_weight, _ptq_act, _ptq_init, _embedding_bits_if_asked, post_training=True,
-           takes_embedding_bits=True),
+    Method("ptq", "PTQ", "none", _ptq_weight, _ptq_act, _ptq_init, _embedding_bits_if_asked, post_training=True),
     Method("q8bert", "Q8BERT", "plain", _max_weight, _max_act, paper_label="Q8BERT"),
     Method("gobo", "GOBO", "none", _gobo_weight, None, _fit_init, _gobo_embedding_bits, post_training=True,
            paper_label="GOBO"),
     Method("qbert", "Q-BERT", "plain", _qbert_weight, _ema_act, embedding_bits=_qbert_embedding_bits,
            check_layer=_qbert_check, mixed_precision=True, paper_label="Q-BERT"),
     Method("lsq", "LSQ", "plain", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, learned_steps=True,
-           takes_embedding_bits=True, paper_label="LSQ"),
+           paper_label="LSQ"),
     Method("joint", "Joint", "joint", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, uses_sam=True,
-           takes_embedding_bits=True, learned_steps=True),
+           learned_steps=True),
     Method("squat", "SQuAT", "squat", _lsq_weight, _lsq_act, _lsq_init, _embedding_bits_if_asked, uses_sam=True,
-           takes_embedding_bits=True, learned_steps=True, paper_label="SQuAT"),
+           learned_steps=True, paper_label="SQuAT"),
     Method("fp-sam", "FP-SAM", "joint", uses_sam=True),
 )
 
