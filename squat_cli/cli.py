@@ -89,6 +89,8 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method", help=f"{methods.help_text()} (default squat)."),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="Weight bits, 2..8 (default 4)."),
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits, 2..32; 32 = not quantized (default 8)."),
+    embedding_bits: Optional[int] = typer.Option(None, "--embedding-bits", help="LSQ family and PTQ: quantize the "
+                                                 "word embeddings too, at 2..8 bits (default: FP32)."),
     rho: Optional[float] = typer.Option(None, "--rho", help="SAM radius (default: 0.1 for 2/3-bit, 0.15 for 4-bit)."),
     recipe: Optional[Path] = RecipeOpt,
     from_: Optional[Path] = typer.Option(None, "--from", help="FP run folder to start from (default runs/<task>/fp/seed<k>)."),
@@ -110,7 +112,7 @@ def quantize(
     if abits is None and method in methods.METHODS and methods.get_method(method).weight_only:
         abits = 32  # a weight-only method (GOBO) keeps activations in FP32
     overrides = {"data.task": task, "quant.method": method, "quant.wbits": wbits, "quant.abits": abits,
-                 "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
+                 "quant.embedding_bits": embedding_bits, "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
                  "train.epochs": epochs}
     rec = _run(load_recipe, recipe, overrides, set_, base={**QUANTIZE_DEFAULTS, **(DISTILL_DEFAULTS if distill else {})})
     res = _run(training.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),

@@ -25,7 +25,7 @@ METHODS = {
     "ptq-w4a8": ["--method", "ptq", "--wbits", "4"],
     "gobo-w2a32": ["--method", "gobo", "--wbits", "2"],  # word embeddings too (2-bit codebook)
     "qbert-w3a8": ["--method", "qbert", "--wbits", "3", "--set", "quant.qbert_groups=16"],
-    "lsq-w2a8": ["--method", "lsq", "--wbits", "2", "--set", "quant.embedding_bits=3"],  # 3-bit word embeddings
+    "lsq-w2a8": ["--method", "lsq", "--wbits", "2", "--embedding-bits", "3"],  # 3-bit word embeddings
 }
 
 
