@@ -112,8 +112,8 @@ def quantize(
     if abits is None and method in methods.METHODS and methods.get_method(method).weight_only:
         abits = 32  # a weight-only method (GOBO) keeps activations in FP32
     overrides = {"data.task": task, "quant.method": method, "quant.wbits": wbits, "quant.abits": abits,
-                 "quant.embedding_bits": embedding_bits, "sam.rho": rho, "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed,
-                 "train.epochs": epochs}
+                 "quant.embedding_bits": embedding_bits, "sam.rho": rho,
+                 "data.data_dir": str(data_dir) if data_dir else None, "train.seed": seed, "train.epochs": epochs}
     rec = _run(load_recipe, recipe, overrides, set_, base={**QUANTIZE_DEFAULTS, **(DISTILL_DEFAULTS if distill else {})})
     res = _run(training.quantize, rec, out, from_path=from_, force=force, reporter=RichReporter(err_console),
                resume=resume)
