@@ -50,19 +50,11 @@ def export(
                                              "largest block of weights sharing a scale (16..256, default 128)."),
 ) -> None:
     """Write a run as a real low-bit model: packed 2/3/4/8-bit codes, or an ONNX graph."""
-    from squat_cli.export.onnx_lowbit import ACCURACY_LEVELS, BLOCK_SIZES
-
     fmt = _run(get_format, format_)
     given = {"weight_type": weight_type, "accuracy_level": accuracy_level, "block_size": block_size}
     for key, value in given.items():
         if value is not None and key not in fmt.options:
             _fail(f"--{key.replace('_', '-')}: an option of --format onnx")
-    if weight_type is not None and weight_type not in ("int8", "int4", "nbits"):
-        _fail(f"--weight-type: {weight_type!r} is not one of int8, int4, nbits")
-    if accuracy_level is not None and (weight_type != "nbits" or accuracy_level not in ACCURACY_LEVELS):
-        _fail(f"--accuracy-level: {accuracy_level} needs --weight-type nbits and one of 0, 4")
-    if block_size is not None and block_size not in BLOCK_SIZES:
-        _fail(f"--block-size: {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     manifest = _run(fmt.export, run, to, **{k: v for k, v in given.items() if v is not None})
     if "quantized_layers" in manifest["size"]:
         print_size_report(manifest)

@@ -356,7 +356,7 @@ def _init(graph, name):
 
 
 def _ort_vs_torch(run, folder, glue_dir):
-    """(max |logit difference|, onnx metrics, torch FP32 metrics) on the dev set."""
+    """The largest |logit difference| between the ONNX graph and the run evaluated by torch in FP32, on the dev set."""
     from squat_cli.export.onnx_runtime import load_onnx
 
     fq, tok, recipe, task = load_run_model(RunDir(run))

@@ -48,6 +48,7 @@ from squat_cli.export.onnx_lowbit import (
     gather_block_quantized,
     kernel_bits,
     matmul_nbits,
+    prune,
     signed_codes,
 )
 from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
@@ -194,7 +195,7 @@ def _dequantized_embedding(layer: QuantEmbedding) -> nn.Embedding:
 
 
 def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional[str] = None,
-                accuracy_level: int = 4, block_size: int = DEFAULT_BLOCK) -> dict[str, Any]:
+                accuracy_level: Optional[int] = None, block_size: int = DEFAULT_BLOCK) -> dict[str, Any]:
     """Write ``<to>/model.onnx`` (default ``<run>/export/onnx``) with tokenizer, config and manifest.
 
     ``weight_type``: ``int8`` / ``int4`` QDQ weight codes (default: int4 for <= 4-bit layers), or ``nbits``:
@@ -205,8 +206,10 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
 
     if weight_type not in (None, *WEIGHT_TYPES):
         raise RunError(f"--weight-type: {weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise RunError(f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}")
+    if accuracy_level is not None and (weight_type != "nbits" or accuracy_level not in ACCURACY_LEVELS):
+        raise RunError(f"--accuracy-level: {accuracy_level} needs --weight-type nbits and one of "
+                       f"{', '.join(map(str, ACCURACY_LEVELS))}")
+    accuracy_level = 4 if accuracy_level is None else accuracy_level
     if block_size not in BLOCK_SIZES:
         raise RunError(f"--block-size: {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     run = RunDir(Path(run_path))
@@ -267,6 +270,7 @@ def export_onnx(run_path: Path, to: Optional[Path] = None, weight_type: Optional
                                          "max_block_size": block_size}
         except ExportError as exc:
             raise RunError(f"{run.path}: {exc}") from None
+        prune(graph)
         if lowbit and LOWBIT_DOMAIN not in {o.domain for o in graph_model.opset_import}:
             graph_model.opset_import.append(onnx.helper.make_opsetid(LOWBIT_DOMAIN, 1))
         weight_bytes += _fold_weight_quantizers(graph, weight_bits)

@@ -95,7 +95,8 @@ def _producer(graph, name: str):
 
 
 def prune(graph) -> None:
-    """Drop nodes whose outputs nothing reads, and initializers no node reads (repeatedly)."""
+    """Drop nodes whose outputs nothing reads, and initializers no node reads (repeatedly): once, after the
+    rewrites below, which leave the nodes and the FP32 weights they replaced unread."""
     outputs = {o.name for o in graph.output}
     while True:
         used = {i for n in graph.node for i in n.input} | outputs
@@ -128,7 +129,6 @@ def gather_block_quantized(graph, table: str, codes: torch.Tensor, scale: torch.
                             block_size=block, bits=kernel_bits(bits))
     graph.node.insert(list(graph.node).index(gather), node)
     graph.node.remove(gather)
-    prune(graph)
     return packed.nbytes + scales.nbytes
 
 
@@ -166,5 +166,4 @@ def matmul_nbits(graph, weight: str, codes: torch.Tensor, scale: torch.Tensor, b
                             accuracy_level=accuracy_level)
     graph.node.insert(list(graph.node).index(mm), node)
     graph.node.remove(mm)
-    prune(graph)
     return {"bytes": packed.nbytes + scales.nbytes, "block_size": block}
