@@ -15,7 +15,8 @@ from rich.table import Table
 from squat_cli.cli_base import _fail, _run, app, console, err_console
 
 report_app = typer.Typer(help="Tables and figures from run folders: results (Tables 1-4, figures, claims), "
-                         "search (a settings search), variants (SQuAT variants against reference runs).",
+                         "search (a settings search), variants (SQuAT variants against reference runs), compare "
+                         "(how each paired comparison changes from one grid to another).",
                          no_args_is_help=False, rich_markup_mode=None,
                          context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(report_app, name="report")
@@ -62,6 +63,33 @@ def variants(out: Path = RunsOpt, reports: Path = ReportsOpt, reference: list[Pa
     _variants(out, reports, list(reference), timing)
 
 
+@report_app.command("compare", epilog="Example: squat report compare --out runs/long --reference runs "
+                    "--label '8 epochs' --reference-label '2 epochs' --reports reports/long")
+def compare(out: Path = RunsOpt, reports: Path = ReportsOpt,
+            reference: Optional[Path] = typer.Option(None, "--reference", help="The runs root to compare with: the "
+                                                     "same tasks, bits and seeds from the same FP models."),
+            label: str = typer.Option("", "--label", help="What --out's grid is called on the page (default: its "
+                                      "folder name)."),
+            reference_label: str = typer.Option("", "--reference-label", help="What the reference grid is called "
+                                                "(default: its folder name).")) -> None:
+    """Each paired comparison (SQuAT - LSQ, ..., and each method's own score) in --out against --reference, and how
+    it changes, paired by task, bits and seed: compare.md and compare.csv."""
+    _need_dir(out, "runs folder")
+    if reference is None:
+        _fail("--reference: give the runs root to compare with")
+    _need_dir(reference, "reference runs folder")
+    from squat_cli.report.compare import write_compare
+
+    c = _run(write_compare, out, reference, reports, label, reference_label)
+    for ch in c.changes:
+        if ch.bits == "all" or len({x.bits for x in c.changes if x.comparison == ch.comparison}) == 1:
+            s, sign = ch.change, "" if ch.comparison.endswith("(same method)") else "+"
+            console.print(f"{ch.comparison} [{ch.bits}]: {ch.ref_mean:{sign}.2f} -> {ch.mean:{sign}.2f}, change "
+                          f"{s.mean:+.2f} "
+                          f"[{s.lo:+.2f}, {s.hi:+.2f}] over {ch.n} pairs", highlight=False, markup=False)
+    console.print(f"compare -> {reports / 'compare.md'}", highlight=False, markup=False)
+
+
 @report_app.callback(invoke_without_command=True)
 def report(
     ctx: typer.Context,
@@ -73,7 +101,8 @@ def report(
     timing: Optional[Path] = typer.Option(None, "--timing", help="Old spelling: with --reference."),
     grid: Optional[Path] = GridOpt,
 ) -> None:
-    """Tables and figures from run folders: `squat report results|search|variants` (the old flags still work)."""
+    """Tables and figures from run folders: `squat report results|search|variants|compare` (the old flags still
+    work)."""
     if ctx.invoked_subcommand is not None:
         return
     reference = list(reference or [])

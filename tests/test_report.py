@@ -646,3 +646,27 @@ def test_distilled_runs_get_their_own_paired_comparisons(tmp_path):
     assert kd_rows["LSQ+KD - FP (same seed)"].mean == pytest.approx(-2.0)
     assert kd_rows["LSQ - FP (same seed)"].mean == pytest.approx(-5.0)
     assert "kd:lsq+kd-vs-lsq" in tables
+
+
+def test_cost_of_distillation_against_the_same_method_without(tmp_path):
+    """With +kd runs the cost table gives each distilled method's time against its plain twin (hand values:
+    LSQ+KD 130 / 100 and 150 / 100 -> median 1.40x; SQuAT+KD 310 / 300, 290 / 290 -> 1.0167x, 1.0x -> median
+    1.0083x), and a cell whose runs all shared the CPU keeps its row with 0 runs."""
+    from squat_cli.report.claims import claims_markdown, cost_table
+    from squat_cli.report.collect import collect
+
+    root = tmp_path / "runs"
+    times = {"lsq": (100.0, 100.0), "lsq+kd": (130.0, 150.0), "squat": (300.0, 290.0), "squat+kd": (310.0, 290.0)}
+    for method, ts in times.items():
+        for seed, t in enumerate(ts, 1):
+            make_run(root, "rte", f"{method}-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t})
+    make_run(root, "rte", "joint-w2a8", 1, {"accuracy": 0.6, "steps": 10, "train_time_s": 400.0, "cpu_share": 0.5})
+    cost = cost_table(collect(root).results).set_index("method")
+    assert cost.loc["lsq+kd", "vs_plain"] == pytest.approx(1.4)
+    assert cost.loc["squat+kd", "vs_plain"] == pytest.approx((310 / 300 + 1.0) / 2)
+    assert np.isnan(cost.loc["squat", "vs_plain"]) and cost.loc["squat", "vs_lsq"] == pytest.approx(2.95)
+    assert cost.loc["joint", "runs"] == 0 and cost.loc["joint", "contended"] == 1
+    md = claims_markdown([], cost.reset_index())
+    assert "| lsq+kd | 2/8 | 2 | 140 | 1.40x | 1.40x | 0 |" in md and "| joint | 2/8 | 0 | - | - | - | 1 |" in md
+    plain = cost_table(collect(root).results.query("not method.str.endswith('+kd')", engine="python"))
+    assert "vs_plain" not in plain.columns

@@ -62,7 +62,8 @@ class Summary:
     excluded: int = 0
 
 
-def _main_rows(results: pd.DataFrame) -> pd.DataFrame:
+def main_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each task's main dev metric."""
     main = {t: lookup(t).main_metric for t in results.task.unique() if lookup(t) is not None} \
         if not results.empty else {}
     return results[results.apply(lambda r: main.get(r["task"]) == r["metric"], axis=1)] if not results.empty \
@@ -77,7 +78,7 @@ def pairs(results: pd.DataFrame, a: str, b: str, metric: str = "main") -> pd.Dat
     """
     if results.empty:
         return pd.DataFrame(columns=["task", "wbits", "seed", "value_a", "value_b", "diff", "short", "loss0_diff"])
-    df = _main_rows(results) if metric == "main" else results[results.metric == f"sharpness:{metric}"]
+    df = main_rows(results) if metric == "main" else results[results.metric == f"sharpness:{metric}"]
     cols = ["task", "wbits", "seed", "value", "loss0", "short"]
     left = df[df.method == a][cols].rename(columns={"value": "value_a", "loss0": "loss0_a", "short": "short_a"})
     right = df[df.method == b][cols].rename(columns={"value": "value_b", "loss0": "loss0_b", "short": "short_b"})
@@ -153,22 +154,30 @@ def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.
 
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:
     """Median training time (s) per method and W/A, and the median over (task, seed) pairs of its ratio to the LSQ
-    run of the same task, bits and seed. Runs recorded as sharing the CPU (``cpu_share``) are left out and
+    run of the same task, bits and seed (``vs_lsq``; with distilled runs, ``vs_plain``: a ``+kd`` method's ratio to
+    the same method without distillation). Runs recorded as sharing the CPU (``cpu_share``) are left out and
     counted; medians keep a slowed run that was not recorded as such from moving either figure much."""
     t = results[results.metric == "train_time_s"] if not results.empty else results
     if t.empty:
         return pd.DataFrame(columns=["method", "wbits", "abits", "runs", "train_s", "vs_lsq", "contended"])
     flagged = t["short"].fillna(False).astype(bool)
     left_out = t[flagged].groupby(["method", "wbits", "abits"]).size()
+    every = t[["method", "wbits", "abits"]].drop_duplicates()  # a cell whose runs were all left out keeps its row
     t = t[~flagged]
     g = t.groupby(["method", "wbits", "abits"])["value"].agg(runs="count", train_s="median").reset_index()
-    ratios = []
-    for r in g.itertuples(index=False):
-        mine = t[(t.method == r.method) & (t.wbits == r.wbits)]
-        lsq = t[(t.method == "lsq") & (t.wbits == r.wbits)]
-        both = mine.merge(lsq, on=["task", "seed"], suffixes=("", "_lsq"))
-        ratios.append(float((both["value"] / both["value_lsq"]).median()) if len(both) else float("nan"))
-    g["vs_lsq"] = ratios
+    g = every.merge(g, on=["method", "wbits", "abits"], how="left").fillna({"runs": 0}).astype({"runs": int})
+    g = g.sort_values(["method", "wbits", "abits"]).reset_index(drop=True)
+
+    def ratio(method: str, wbits: int, other: str) -> float:
+        mine = t[(t.method == method) & (t.wbits == wbits)]
+        base = t[(t.method == other) & (t.wbits == wbits)]
+        both = mine.merge(base, on=["task", "seed"], suffixes=("", "_base"))
+        return float((both["value"] / both["value_base"]).median()) if len(both) else float("nan")
+
+    g["vs_lsq"] = [ratio(r.method, r.wbits, "lsq") for r in g.itertuples(index=False)]
+    if g.method.str.endswith("+kd").any():  # the teacher's cost: each distilled run against its plain twin
+        g["vs_plain"] = [ratio(r.method, r.wbits, r.method[:-3]) if r.method.endswith("+kd") else float("nan")
+                         for r in g.itertuples(index=False)]
     g["contended"] = [int(left_out.get((r.method, r.wbits, r.abits), 0)) for r in g.itertuples(index=False)]
     return g
 
@@ -190,13 +199,16 @@ def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
         lines.append(f"| {r.claim} | {r.comparison} | {r.bits} | {r.n} | {_f(r.mean, digits)} | "
                      f"[{_f(r.lo, digits)}, {_f(r.hi, digits)}] | {r.wins}/{r.losses} | {p} | {r.excluded} |")
     if not cost.empty:
+        kd = "vs_plain" in cost.columns
         lines += ["", "### Cost: training time per run (steps only, this machine)", "",
                   "| method | W/A | runs | median train s | vs LSQ (median of per-run ratios, same task and seed) "
-                  "| left out (CPU shared) |",
-                  "|---|---|---|---|---|---|"]
+                  + ("| +KD vs the same method without (same ratio) " if kd else "") + "| left out (CPU shared) |",
+                  "|---|---|---|---|---|" + ("---|" if kd else "") + "---|"]
         for r in cost.itertuples(index=False):
             ratio = "-" if np.isnan(r.vs_lsq) else f"{r.vs_lsq:.2f}x"
-            lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {r.train_s:.0f} | {ratio} | "
+            plain = ("- | " if np.isnan(r.vs_plain) else f"{r.vs_plain:.2f}x | ") if kd else ""
+            secs = "-" if np.isnan(r.train_s) else f"{r.train_s:.0f}"
+            lines.append(f"| {r.method} | {r.wbits}/{r.abits} | {r.runs} | {secs} | {ratio} | {plain}"
                          f"{r.contended} |")
     return "\n".join(lines) + "\n"
 
