@@ -40,10 +40,12 @@ def runs(tmp_path_factory, glue_dir, tiny_bert):
 
 
 def _cli(args, env=None, preexec=None, script=None, timeout=300):
-    """squat in a fresh process (signals and resource limits apply to it alone)."""
+    """squat in a fresh process (signals and resource limits apply to it alone), its fused kernels off (they are
+    tested in test_compiled.py; here they would only add seconds of torch.compile tracing per process)."""
     code = script or "import sys; from squat_cli.cli import main; sys.argv = ['squat'] + sys.argv[1:]; main()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, preexec_fn=preexec,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "SQUAT_FUSED": "0", **(env or {})},
+                          preexec_fn=preexec,
                           timeout=timeout)
 
 

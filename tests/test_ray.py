@@ -26,8 +26,22 @@ TABLES = ("table1.md", "table1.csv", "table2.md", "table3.md", "table4.md")
 """The report files that hold results only (cost and compute tables measure time, which differs run to run)."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def unfused():
+    """The fused kernels off in this module's processes, Ray's workers included (they inherit the environment):
+    these tests are about scheduling, and each worker would otherwise trace its own torch.compile kernels. The
+    kernels are tested against the eager code in test_compiled.py."""
+    before = os.environ.get("SQUAT_FUSED")
+    os.environ["SQUAT_FUSED"] = "0"
+    yield
+    if before is None:
+        del os.environ["SQUAT_FUSED"]
+    else:
+        os.environ["SQUAT_FUSED"] = before
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(unfused):
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
