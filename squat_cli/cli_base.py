@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from squat_cli.errors import SquatError, Terminated
-from squat_cli.runs import public_path
+from squat_cli.files import public_path
 
 console = Console()
 err_console = Console(stderr=True)

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from squat_cli.errors import DataError, RunError
 from squat_cli.examples import Examples
+from squat_cli.files import atomic_path, save_tensors, user_path
 from squat_cli.glue import GlueTask
-from squat_cli.runs import atomic_path, save_tensors, user_path
 
 DATA_DIR_ENV = "SQUAT_DATA_DIR"
 CACHE_DIR_ENV = "SQUAT_CACHE_DIR"

@@ -19,7 +19,8 @@ from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
 from squat_cli.export.folder import MANIFEST_FILE, source_settings, source_task
 from squat_cli.export.formats import FORMATS, detect
-from squat_cli.runs import RunDir, write_json
+from squat_cli.files import write_json
+from squat_cli.runs import RunDir
 from squat_cli.task_data import dev_sets
 
 EVAL_FILE = "eval_metrics.json"

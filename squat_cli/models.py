@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 
 from squat_cli.errors import ModelError
+from squat_cli.files import user_path
 from squat_cli.glue import GlueTask
-from squat_cli.runs import user_path
 
 PACKAGED_MINILM = "packaged-minilm"
 
@@ -164,7 +164,7 @@ def check_loaded(model: torch.nn.Module, info: dict, name: str) -> None:
 
 def save_model(model: torch.nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
     """``save_pretrained`` with safetensors; ``state_dict`` overrides what is written (e.g. without step sizes)."""
-    from squat_cli.runs import write_failure
+    from squat_cli.files import write_failure
 
     try:
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 import torch
 
 from squat_cli.errors import DataError
-from squat_cli.runs import atomic_path
+from squat_cli.files import atomic_path
 
 CHUNK = 4096
 """Rows scored together (and batched by length among themselves)."""

@@ -10,9 +10,10 @@ import torch
 
 from squat_cli.batching import eval_loader
 from squat_cli.errors import RunError
+from squat_cli.files import write_json
 from squat_cli.progress import Reporter
 from squat_cli.run_model import load_run_model
-from squat_cli.runs import RunDir, discover, write_json
+from squat_cli.runs import RunDir, discover
 from squat_cli.task_data import encoded_splits
 
 

@@ -16,6 +16,7 @@ from squat_cli.allocator import tune_allocator
 from squat_cli.batching import train_loader
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
+from squat_cli.files import atomic_dir, ensure_writable, user_path, write_json, write_text
 from squat_cli.glue import GlueTask
 from squat_cli.models import check_vocab, load_model, load_tokenizer, save_model
 from squat_cli.progress import Reporter
@@ -25,16 +26,7 @@ from squat_cli.quant.methods import get_method
 from squat_cli.quant.mixed_precision import assign_mixed_bits
 from squat_cli.quant.qlinear import is_quantizer_key
 from squat_cli.recipe import Recipe
-from squat_cli.runs import (
-    RunDir,
-    atomic_dir,
-    ensure_writable,
-    environment,
-    user_path,
-    variant_name,
-    write_json,
-    write_text,
-)
+from squat_cli.runs import RunDir, environment, variant_name
 from squat_cli.task_data import TaskData, load_task_data
 from squat_cli.tasks import get_task
 from squat_cli.train.checkpoint import checkpoint_step, recover_checkpoint

@@ -51,7 +51,7 @@ def _cli(args, env=None, preexec=None, script=None, timeout=300):
 
 TERM_DURING_WRITE = """
 import os, signal, sys
-import squat_cli.runs as R
+import squat_cli.files as R
 orig = R.save_tensors
 def save(tensors, path, metadata=None):
     orig(tensors, path, metadata)

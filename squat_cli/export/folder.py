@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from squat_cli.errors import RunError
-from squat_cli.runs import RunDir, sha256_file
+from squat_cli.files import sha256_file
+from squat_cli.runs import RunDir
 
 MANIFEST_FILE = "manifest.json"
 EXPORT_FORMATS = ("squat-packed", "squat-onnx")

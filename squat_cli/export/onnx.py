@@ -54,10 +54,11 @@ from squat_cli.export.onnx_lowbit import (
 from squat_cli.export.onnx_lowbit import DOMAIN as LOWBIT_DOMAIN
 from squat_cli.export.onnx_lowbit import MIN_ORT as LOWBIT_MIN_ORT
 from squat_cli.export.onnx_runtime import FORMAT, FORMAT_VERSION, INPUTS, need_onnx, session_options
+from squat_cli.files import atomic_dir, sha256_file, write_json, write_text
 from squat_cli.quant.lsq import LsqQuantizer
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, sha256_file, write_json, write_text
+from squat_cli.runs import RunDir
 
 OPSET = 21
 MODEL_FILE = "model.onnx"

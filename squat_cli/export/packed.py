@@ -23,8 +23,9 @@ from squat_cli.errors import RunError
 from squat_cli.export.card import model_card
 from squat_cli.export.codes import ExportError, act_state, encode_weight
 from squat_cli.export.folder import MANIFEST_FILE, check_destination, check_exportable, run_facts, seal
+from squat_cli.files import atomic_dir, save_tensors, sha256_file, write_json, write_text
 from squat_cli.quant.qlinear import is_quantizer_key, quant_layers
-from squat_cli.runs import RunDir, atomic_dir, save_tensors, sha256_file, write_json, write_text
+from squat_cli.runs import RunDir
 
 FORMAT = "squat-packed"
 FORMAT_VERSION = 2

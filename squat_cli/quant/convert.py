@@ -20,12 +20,12 @@ from safetensors import safe_open
 from torch import nn
 
 from squat_cli.errors import RunError
+from squat_cli.files import atomic_path, save_tensors
 from squat_cli.quant.methods import get_method
 from squat_cli.quant.q8bert import MaxQuantizer
 from squat_cli.quant.qbert import EmaRangeQuantizer
 from squat_cli.quant.qlinear import QuantEmbedding, QuantLinear, is_quantizer_key, learned_quantizers, quant_layers
 from squat_cli.recipe import QuantConfig
-from squat_cli.runs import atomic_path, save_tensors
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from squat_cli.files import staged, write_text
 from squat_cli.quant.methods import names_where
 from squat_cli.report.claims import claim_summaries, claims_markdown, cost_table, pairs_csv, per_seed_markdown
 from squat_cli.report.collect import Collected, collect
@@ -14,7 +15,6 @@ from squat_cli.report.figures import figure2, figure3, figure_pairs
 from squat_cli.report.stepsizes import step_size_markdown, step_size_table
 from squat_cli.report.tables import Table, aggregate, build_tables, to_csv, to_markdown
 from squat_cli.report.verdicts import all_verdicts, verdicts_markdown
-from squat_cli.runs import staged, write_text
 
 SAM_QUANTIZED = names_where(uses_sam=True, quantizes=True)
 """The quantized methods whose runs take a SAM radius (the paper's rho)."""

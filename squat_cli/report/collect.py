@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 
 from squat_cli.errors import SquatError
-from squat_cli.runs import discover, parse_variant, read_json
+from squat_cli.files import read_json
+from squat_cli.runs import discover, parse_variant
 from squat_cli.sharpness_settings import reached_edge
 from squat_cli.tasks import task_of_run
 from squat_cli.yaml_safe import read_yaml

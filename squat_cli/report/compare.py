@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from squat_cli.errors import SquatError
+from squat_cli.files import staged, write_text
 from squat_cli.report.claims import CLAIMS, KD_COMPARISONS, Summary, main_rows, pairs, summarize
 from squat_cli.report.collect import collect
-from squat_cli.runs import staged, write_text
 
 IGNORED_KEYS = ("data.data_dir",)
 """Recipe keys that say where the data lay on the machine that ran, not what ran."""

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from squat_cli.files import atomic_path, write_failure
 from squat_cli.glue import PAPER_TASKS, TASKS
-from squat_cli.runs import atomic_path, write_failure
 
 
 def pyplot():

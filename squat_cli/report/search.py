@@ -14,9 +14,10 @@ from typing import Any
 import pandas as pd
 
 from squat_cli.errors import SquatError
+from squat_cli.files import read_json, staged, write_text
 from squat_cli.glue import TASKS
 from squat_cli.quant.methods import names_where
-from squat_cli.runs import discover, read_json, staged, write_text
+from squat_cli.runs import discover
 from squat_cli.yaml_safe import read_yaml
 
 SEARCHED = [("train", "lr"), ("quant", "step_lr"), ("sam", "rho"), ("sam", "weight_ste"),

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 
 from squat_cli.errors import SquatError
+from squat_cli.files import staged, write_text
 from squat_cli.glue import TASKS
 from squat_cli.report.claims import bootstrap_ci, pairs
 from squat_cli.report.collect import collect
 from squat_cli.report.figures import pyplot, save_png
-from squat_cli.runs import staged, write_text
 
 SHARP_KEYS = ("ascent/rho=0.01", "ascent/rho=0.05")
 RUN_COLUMNS = ["method", "task", "wbits", "abits", "seed", "value", "train_time_s", *SHARP_KEYS, "short"]

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from squat_cli.errors import RunError
-from squat_cli.runs import atomic_dir, save_tensors, sha256_file
+from squat_cli.files import atomic_dir, save_tensors, sha256_file
 
 FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors", "state.json")
 
