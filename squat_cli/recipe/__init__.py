@@ -3,10 +3,12 @@
 A recipe has sections ``model``, ``data``, ``train``, ``quant`` and ``sam``.
 Loading validates every key and value; anything wrong is a ``RecipeError``
 with a one-line message naming the key (``train.scheduler``) and what is
-allowed. ``schema`` holds the sections, ``layers`` how a recipe is put
-together from defaults, a file and overrides.
+allowed. ``schema`` holds the sections, ``checks`` the rules across their
+keys, ``layers`` how a recipe is put together from defaults, a file and
+overrides.
 """
 
+from squat_cli.recipe.checks import MAX_SEED
 from squat_cli.recipe.layers import (
     DISTILL_DEFAULTS,
     QUANTIZE_DEFAULTS,
@@ -16,7 +18,6 @@ from squat_cli.recipe.layers import (
     parse_override,
 )
 from squat_cli.recipe.schema import (
-    MAX_SEED,
     METHODS,
     POST_TRAINING_METHODS,
     WEIGHT_ONLY_METHODS,
