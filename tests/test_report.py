@@ -670,3 +670,24 @@ def test_cost_of_distillation_against_the_same_method_without(tmp_path):
     assert "| lsq+kd | 2/8 | 2 | 140 | 1.40x | 1.40x | 0 |" in md and "| joint | 2/8 | 0 | - | - | - | 1 |" in md
     plain = cost_table(collect(root).results.query("not method.str.endswith('+kd')", engine="python"))
     assert "vs_plain" not in plain.columns
+
+
+def test_a_runs_root_may_set_its_own_contended_share(tmp_path):
+    """contended.json's cpu_share_below replaces the default 0.75 for the root's recorded shares (hand values: LSQ
+    times 100 (share 0.99), 110 (0.8), 500 (0.5): by default 100 and 110 count (median 105); under 0.9, 100 alone)."""
+    from squat_cli.report.claims import cost_table
+    from squat_cli.report.collect import collect
+
+    root = tmp_path / "runs"
+    for seed, (t, share) in enumerate(((100.0, 0.99), (110.0, 0.8), (500.0, 0.5)), 1):
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t, "cpu_share": share})
+    before = cost_table(collect(root).results).set_index("method")
+    assert before.loc["lsq", "runs"] == 2 and before.loc["lsq", "train_s"] == pytest.approx(105.0)
+    (root / "contended.json").write_text(json.dumps({"cpu_share_below": 0.9}))
+    after = cost_table(collect(root).results).set_index("method")
+    assert after.loc["lsq", "runs"] == 1 and after.loc["lsq", "contended"] == 2
+    assert after.loc["lsq", "train_s"] == pytest.approx(100.0)
+    for bad in ({"cpu_share_below": 0}, {"cpu_share_below": True}, {"cpu_share_below": "0.9"}):
+        (root / "contended.json").write_text(json.dumps(bad))
+        with pytest.raises(Exception, match="contended.json: expected"):
+            collect(root)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from squat_cli.quant.methods import KD_SUFFIX
 from squat_cli.tasks import lookup
 
 BOOTSTRAP = 10_000
@@ -144,7 +145,7 @@ def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.
         p = pairs(results, "squat", "lsq", key)
         tables[f"sharpness-{key.split('=')[1]}"] = p
         rows += summarize("C2", f"SQuAT - LSQ, sharpness at rho {key.split('=')[1]} (negative: SQuAT flatter)", p)
-    if not results.empty and results.method.str.endswith("+kd").any():
+    if not results.empty and results.method.str.endswith(KD_SUFFIX).any():
         for claim, a, b, metric, label in KD_COMPARISONS:
             p = pairs(results, a, b, metric)
             tables[f"kd:{a}-vs-{b}"] = p
@@ -175,9 +176,9 @@ def cost_table(results: pd.DataFrame) -> pd.DataFrame:
         return float((both["value"] / both["value_base"]).median()) if len(both) else float("nan")
 
     g["vs_lsq"] = [ratio(r.method, r.wbits, "lsq") for r in g.itertuples(index=False)]
-    if g.method.str.endswith("+kd").any():  # the teacher's cost: each distilled run against its plain twin
-        g["vs_plain"] = [ratio(r.method, r.wbits, r.method[:-3]) if r.method.endswith("+kd") else float("nan")
-                         for r in g.itertuples(index=False)]
+    if g.method.str.endswith(KD_SUFFIX).any():  # the teacher's cost: each distilled run against its plain twin
+        g["vs_plain"] = [ratio(r.method, r.wbits, r.method.removesuffix(KD_SUFFIX)) if r.method.endswith(KD_SUFFIX)
+                         else float("nan") for r in g.itertuples(index=False)]
     g["contended"] = [int(left_out.get((r.method, r.wbits, r.abits), 0)) for r in g.itertuples(index=False)]
     return g
 

@@ -22,27 +22,42 @@ STEP_SIZE_KEYS = {"mean_wstep_init": "step:weight:init", "mean_wstep_final": "st
 CONTENDED_SHARE = 0.75  # a run that got less of its threads' time than this shared the CPU: its time is no cost
 
 
-def contended(metrics: dict) -> bool:
-    """Whether the run's training shared the CPU with other work (its ``cpu_share``); False if unrecorded."""
+def contended(metrics: dict, below: float = CONTENDED_SHARE) -> bool:
+    """Whether the run's training shared the CPU with other work (its ``cpu_share`` under ``below``); False if
+    unrecorded."""
     share = metrics.get("cpu_share")
-    return isinstance(share, (int, float)) and share < CONTENDED_SHARE
+    return isinstance(share, (int, float)) and share < below
 
 
 CONTENDED_FILE = "contended.json"
-"""In a runs root: runs known to have shared the CPU that recorded no ``cpu_share`` (made before it was recorded),
-``{"runs": {"<task>/<variant>/seed<k>": "why"}}``. Their times are no cost, as for a low recorded share."""
+"""In a runs root: which runs shared the CPU, for the runs' times to be no cost. ``{"runs": {"<task>/<variant>/
+seed<k>": "why"}}`` names runs that recorded no ``cpu_share`` (made before it was recorded); an optional
+``"cpu_share_below": S`` (in (0, 1]) replaces the default threshold for the root's recorded shares (a study whose
+protocol counts any share under 0.9 as shared)."""
 
 
-def known_contended(root: Path) -> dict[str, str]:
-    """The runs ``root/contended.json`` names (empty without the file); a damaged file is an error naming it."""
+@dataclass
+class KnownContended:
+    runs: dict[str, str] = field(default_factory=dict)
+    below: float = CONTENDED_SHARE
+
+    def __contains__(self, run: str) -> bool:
+        return run in self.runs
+
+
+def known_contended(root: Path) -> KnownContended:
+    """What ``root/contended.json`` says (the defaults without the file); a damaged file is an error naming it."""
     path = Path(root) / CONTENDED_FILE
     if not path.is_file():
-        return {}
+        return KnownContended()
     data = read_json(path)
-    runs = data.get("runs") if isinstance(data, dict) else None
-    if not isinstance(runs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in runs.items()):
-        raise SquatError(f"{path}: expected {{\"runs\": {{\"<task>/<variant>/seed<k>\": \"why\"}}}}")
-    return runs
+    runs = data.get("runs", {}) if isinstance(data, dict) else None
+    below = data.get("cpu_share_below", CONTENDED_SHARE) if isinstance(data, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in runs.items()) \
+            or isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below <= 1:
+        raise SquatError(f"{path}: expected {{\"runs\": {{\"<task>/<variant>/seed<k>\": \"why\"}}, "
+                         "\"cpu_share_below\": a share in (0, 1] (optional)}")
+    return KnownContended(runs, float(below))
 
 
 def stopped_short(key: str, entry: dict) -> bool:
@@ -102,7 +117,7 @@ def collect(root: Path) -> Collected:
             skipped.append((where, f"metrics.json lacks {', '.join(missing)}"))
             continue
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
-        busy = contended(metrics) or f"{run.task}/{run.variant}/seed{run.seed}" in shared
+        busy = contended(metrics, shared.below) or f"{run.task}/{run.variant}/seed{run.seed}" in shared
         for k in task.metric_names():
             rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False,
                          "delta": None})

@@ -59,9 +59,10 @@ class Comparison:
     fp_from_reference: bool
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; anything but a mapping (an unreadable recipe) -> {}."""
     out: dict[str, Any] = {}
-    for k, v in d.items():
+    for k, v in (d.items() if isinstance(d, dict) else ()):
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
@@ -71,14 +72,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def recipe_differences(mine: list[dict], ref: list[dict]) -> dict[str, tuple[list[Any], list[Any]]]:
     """Recipe keys whose value differs between matched runs: key -> (reference's values, this grid's values)."""
-    index = {(r["method"], r["task"], r["wbits"], r["seed"]): _flatten(r["recipe"] if isinstance(r["recipe"], dict)
-                                                                       else {}) for r in ref}
+    index = {(r["method"], r["task"], r["wbits"], r["seed"]): _flatten(r["recipe"]) for r in ref}
     found: dict[str, tuple[set, set]] = {}
     for r in mine:
         other = index.get((r["method"], r["task"], r["wbits"], r["seed"]))
         if other is None:
             continue
-        flat = _flatten(r["recipe"] if isinstance(r["recipe"], dict) else {})
+        flat = _flatten(r["recipe"])
         for key in sorted(set(flat) | set(other)):
             if key in IGNORED_KEYS:
                 continue
