@@ -3,7 +3,7 @@
     python bench/profile_step.py [--method squat] [--steps 2] [--batch 32] [--tokens 128] [--top 25]
                                  [--bf16] [--out bench/PROFILE-<method>.md]
 
-Builds the method exactly as ``bench/step_times.py`` does (packaged MiniLM,
+Builds the method exactly as ``bench/step_times.py`` does (``bench/step_setup.py``) (packaged MiniLM,
 W2A8 for quantized methods), warms up one step, profiles ``--steps`` steps and
 prints (and writes) the ops with the most self CPU time, grouped into
 matmul / fake-quant / optimizer / other so the share bounded by matmul speed
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_times import batches, build  # noqa: E402
+from step_setup import build, fixed_batches  # noqa: E402
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::matmul",
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     precision = "bf16" if args.bf16 else "fp32"
     _, strategy, _ = build(args.method, args.bits, precision)
-    data = batches(args.steps + 1, args.batch, args.tokens)
+    data = fixed_batches(args.steps + 1, args.batch, args.tokens)
     strategy.step(data[0])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for b in data[1:]:

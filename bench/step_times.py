@@ -21,13 +21,12 @@ must not change the loss). Pass times (one forward+backward, one optimizer
 step) give the floor each method's pass count implies.
 """
 
+
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,80 +34,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import step_setup as setup  # noqa: E402
 from common import machine_lines  # noqa: E402
-
-from squat_cli.compiled import FUSED_ENV  # noqa: E402
-from squat_cli.glue import get_task  # noqa: E402
-from squat_cli.models import load_model  # noqa: E402
-from squat_cli.quant.convert import calibrate, quantize_model  # noqa: E402
-from squat_cli.recipe import QuantConfig, TrainConfig  # noqa: E402
-from squat_cli.train.fast_dropout import use_fast_dropout  # noqa: E402
-from squat_cli.train.loop import build_optimizers  # noqa: E402
-from squat_cli.train.sam_schedule import SamSchedule  # noqa: E402
-from squat_cli.train.strategies import StepContext, default_clip, make_strategy  # noqa: E402
-
-METHODS = {  # name -> (strategy method, quantized?, step_size_grad, forward/backward passes per step, variant)
-    "fp": ("fp", False, "fresh", 1, ""),
-    "lsq": ("lsq", True, "fresh", 1, ""),
-    "joint": ("joint", True, "fresh", 2, ""),
-    "squat": ("squat", True, "fresh", 3, ""),
-    "squat-reuse": ("squat", True, "reuse", 2, ""),
-    "fp-sam": ("fp-sam", False, "fresh", 2, ""),
-    "q8bert": ("q8bert", True, "fresh", 1, ""),
-    # the same methods with one speed option changed, to show what each option buys
-    "squat+aux-bf16": ("squat", True, "fresh", 3, "aux-bf16"),  # train.aux_precision=bf16
-    "squat-reuse+aux-bf16": ("squat", True, "reuse", 2, "aux-bf16"),
-    "fp+nn-dropout": ("fp", False, "fresh", 1, "nn-dropout"),  # train.fast_dropout=false
-    "lsq+unfused": ("lsq", True, "fresh", 1, "unfused"),  # SQUAT_FUSED=0
-    # cheaper SAM steps (sam.every / sam.probability / sam.ascent_fraction): amortised over rounds
-    "squat+every4": ("squat", True, "fresh", 2.25, "every4"),
-    "squat+rst0.5": ("squat", True, "fresh", 2.5, "rst0.5"),
-    "squat+frac0.25": ("squat", True, "fresh", 2.25, "frac0.25"),
-    "squat-reuse+every4": ("squat", True, "reuse", 1.25, "every4"),  # ascent 1 in 4, no step-size pass
-    "squat-reuse+rst0.5": ("squat", True, "reuse", 1.5, "rst0.5"),
-}
-SCHEDULES = {"every4": SamSchedule(every=4), "rst0.5": SamSchedule(probability=0.5),
-             "frac0.25": SamSchedule(fraction=0.25)}
-"""Variants whose cost changes from step to step: their time is the mean over rounds (amortised)."""
-DEFAULT_METHODS = ("fp,lsq,joint,squat,squat-reuse,fp-sam,q8bert,squat+aux-bf16,squat-reuse+aux-bf16,fp+nn-dropout,"
-                   "lsq+unfused,squat+every4,squat+rst0.5,squat+frac0.25,squat-reuse+every4,squat-reuse+rst0.5")
-
-
-@contextlib.contextmanager
-def fused_kernels(on: bool):
-    """SQUAT_FUSED for the duration (the unfused variant times the plain eager ops)."""
-    old = os.environ.get(FUSED_ENV)
-    os.environ[FUSED_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[FUSED_ENV]
-        else:
-            os.environ[FUSED_ENV] = old
-
-
-DEVICE = torch.device("cpu")
-"""Where models and batches live (``--device``); CPU by default."""
-
-
-def sync() -> None:
-    """Wait for queued device work (CUDA is asynchronous), so wall-clock timings are right."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def to_device(batch: dict) -> dict:
-    return {k: v.to(DEVICE) for k, v in batch.items()}
+from step_setup import (  # noqa: E402
+    DEFAULT_METHODS,
+    METHODS,
+    SCHEDULES,
+    base,
+    build,
+    fixed_batches,
+    fused_kernels,
+    glue_batches,
+    step,
+    sync,
+    to_device,
+)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     """Measured FLOP/s of a square matmul on this machine (the MFU denominator)."""
-    if DEVICE.type == "cuda":
+    if setup.DEVICE.type == "cuda":
         n, reps = 8192, 20
-    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    a, b = torch.randn(n, n, dtype=dtype, device=setup.DEVICE), torch.randn(n, n, dtype=dtype, device=setup.DEVICE)
     for _ in range(2):
         a @ b
     sync()
@@ -128,73 +77,6 @@ def model_flops(model: torch.nn.Module, batch: dict) -> float:
     return (6 * params + attn) * bsz * seq
 
 
-def fixed_batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(1000, 29000, (batch, tokens), generator=g),
-             "attention_mask": torch.ones(batch, tokens, dtype=torch.int64),
-             "token_type_ids": torch.zeros(batch, tokens, dtype=torch.int64),
-             "labels": torch.randint(0, 2, (batch,), generator=g)} for _ in range(n)]
-
-
-batches = fixed_batches  # the name profile_step.py imports
-
-
-def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None) -> list[dict]:
-    """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them."""
-    from squat_cli.batching import train_loader
-    from squat_cli.data import encode, load_split, resolve_data_dir
-    from squat_cli.models import load_tokenizer
-
-    task = get_task(task_name)
-    tok = load_tokenizer("packaged-minilm")
-    enc = encode(load_split(task, "train", resolve_data_dir(data_dir), "local"), tok, max_len, task.is_regression)
-    out = []
-    for b in train_loader(enc, batch, seed=0, pad_id=tok.pad_token_id):
-        b["labels"] = b["labels"] % 2  # the benchmark's 2-class head
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
-
-
-def build(method: str, bits: int, precision: str):
-    strat, quantized, ssg, _, variant = METHODS[method]
-    torch.manual_seed(0)
-    model = load_model("packaged-minilm", get_task("sst2"))
-    qcfg = None
-    if quantized:
-        qcfg = QuantConfig(method=strat, wbits=8 if strat == "q8bert" else bits, abits=8)
-        quantize_model(model, qcfg)
-        model.to(DEVICE)
-        calibrate(model, [to_device(b) for b in fixed_batches(1, 8, 32, seed=99)])
-    model.to(DEVICE)
-    train = TrainConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="constant", warmup_ratio=0.0)
-    if train.fast_dropout and variant != "nn-dropout":
-        use_fast_dropout(model)  # what `squat` training does on CPU
-    model.train()
-    w_opt, _, s_opt, _ = build_optimizers(model, train, qcfg, 100)
-    autocast = (lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)) if precision == "bf16" else \
-        contextlib.nullcontext
-    ctx = StepContext(model=model, core=model, w_opt=w_opt, s_opt=s_opt, backward=lambda loss: loss.backward(),
-                      autocast=autocast, no_sync=contextlib.nullcontext, max_grad_norm=1.0, clip=default_clip,
-                      rho=0.1)
-    if variant == "aux-bf16":
-        ctx.aux_autocast = lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)
-    if variant in SCHEDULES:
-        ctx.schedule = SCHEDULES[variant]
-    return model, make_strategy(strat, ctx, ssg), autocast
-
-
-def base(method: str) -> str:
-    """``lsq@bf16`` -> ``lsq``: a method name with its precision suffix removed."""
-    return method.split("@")[0]
-
-
-def step(method: str, strategy, batch: dict) -> float:
-    with fused_kernels(METHODS[base(method)][4] != "unfused"):
-        return strategy.step(batch)
-
-
 def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str:
     """The method's first-pass loss equals a plain forward: same weights and dropout seed, unfused ops."""
     sam = METHODS[base(method)][3] > 1
@@ -206,7 +88,7 @@ def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str
         plain = float(copy.deepcopy(model)(**first_batch).loss)
     torch.manual_seed(1)
     first = step(method, strategy, batch)
-    tol = 1e-5 if DEVICE.type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
+    tol = 1e-5 if setup.DEVICE.type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
     if abs(first - plain) > tol * max(1.0, abs(plain)):
         raise SystemExit(f"{method}: first-pass loss {first} != plain forward {plain}")
     return f"{method}: first-pass loss {first:.6f}, plain unfused forward {plain:.6f}"
@@ -356,8 +238,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the medians and ratios as JSON here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (models, batches and the matmul peak there)")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    setup.set_device(args.device)
     names = args.methods.split(",")
     n = args.rounds + args.warmup + 1
     sections = [("fixed", f"batch {args.batch} x {args.tokens} tokens (fixed length), fp32",
@@ -379,8 +260,8 @@ def main() -> None:
         "# Step-time benchmark", "",
         *machine_lines(),
         f"- all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods (q8bert: W8A8); {args.rounds} timed rounds "
-        f"after {args.warmup} warm-up; device {DEVICE}"
-        + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""), "",
+        f"after {args.warmup} warm-up; device {setup.DEVICE}"
+        + (f" ({torch.cuda.get_device_name()})" if setup.DEVICE.type == "cuda" else ""), "",
     ]
     for key, title, *_ in sections:
         lines += table(results[key], title)
