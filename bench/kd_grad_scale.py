@@ -26,11 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import glue_dir, machine_lines  # noqa: E402
+from step_setup import glue_batches  # noqa: E402
 
-from squat_cli.batching import train_loader  # noqa: E402
-from squat_cli.data import encode, load_split  # noqa: E402
 from squat_cli.glue import get_task  # noqa: E402
-from squat_cli.models import load_model, load_tokenizer  # noqa: E402
+from squat_cli.models import load_model  # noqa: E402
 from squat_cli.quant.convert import calibrate, quantize_model  # noqa: E402
 from squat_cli.quant.qlinear import step_parameters  # noqa: E402
 from squat_cli.recipe import QuantConfig  # noqa: E402
@@ -53,13 +52,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     task = get_task(args.task)
-    tok = load_tokenizer(args.fp)
-    enc = encode(load_split(task, "train", glue_dir(args.data_dir), "local"), tok, 128, task.is_regression)
-    data = []
-    for b in train_loader(enc, args.batch_size, seed=1, pad_id=tok.pad_token_id):
-        data.append(b)
-        if len(data) == args.batches + 1:
-            break
+    data = glue_batches(args.task, args.batches + 1, args.batch_size, 128, str(glue_dir(args.data_dir)), seed=1,
+                        two_class=False)
     teacher = load_model(args.fp, task)
     student = copy.deepcopy(teacher)
     quantize_model(student, QuantConfig(method="lsq", wbits=args.wbits, abits=8))

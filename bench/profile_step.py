@@ -3,7 +3,7 @@
     python bench/profile_step.py [--method squat] [--steps 2] [--batch 32] [--tokens 128] [--top 25]
                                  [--bf16] [--out bench/PROFILE-<method>.md]
 
-Builds the method exactly as ``bench/step_times.py`` does (``bench/step_setup.py``) (packaged MiniLM,
+Builds the method as ``bench/step_times.py`` does, with ``bench/step_setup.py`` (packaged MiniLM,
 W2A8 for quantized methods), warms up one step, profiles ``--steps`` steps and
 prints (and writes) the ops with the most self CPU time, grouped into
 matmul / fake-quant / optimizer / other so the share bounded by matmul speed

@@ -71,6 +71,10 @@ DEVICE = torch.device("cpu")
 """Where models and batches live (``--device``, set by :func:`set_device`); CPU by default."""
 
 
+def device() -> torch.device:
+    return DEVICE
+
+
 def set_device(name: str) -> None:
     global DEVICE
     DEVICE = torch.device(name)
@@ -95,8 +99,10 @@ def fixed_batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
 
 
 
-def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None) -> list[dict]:
-    """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them."""
+def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None, seed: int = 0,
+                 two_class: bool = True) -> list[dict]:
+    """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them; ``two_class``:
+    labels folded to 0/1 for the step benchmarks' 2-class head (False: the task's own labels)."""
     from squat_cli.batching import train_loader
     from squat_cli.data import encode, load_split, resolve_data_dir
     from squat_cli.models import load_tokenizer
@@ -105,8 +111,9 @@ def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str
     tok = load_tokenizer("packaged-minilm")
     enc = encode(load_split(task, "train", resolve_data_dir(data_dir), "local"), tok, max_len, task.is_regression)
     out = []
-    for b in train_loader(enc, batch, seed=0, pad_id=tok.pad_token_id):
-        b["labels"] = b["labels"] % 2  # the benchmark's 2-class head
+    for b in train_loader(enc, batch, seed=seed, pad_id=tok.pad_token_id):
+        if two_class:
+            b["labels"] = b["labels"] % 2
         out.append(b)
         if len(out) == n:
             break

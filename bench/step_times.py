@@ -21,7 +21,6 @@ must not change the loss). Pass times (one forward+backward, one optimizer
 step) give the floor each method's pass count implies.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -36,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import step_setup as setup  # noqa: E402
 from common import machine_lines  # noqa: E402
 from step_setup import (  # noqa: E402
     DEFAULT_METHODS,
@@ -44,9 +42,11 @@ from step_setup import (  # noqa: E402
     SCHEDULES,
     base,
     build,
+    device,
     fixed_batches,
     fused_kernels,
     glue_batches,
+    set_device,
     step,
     sync,
     to_device,
@@ -55,9 +55,9 @@ from step_setup import (  # noqa: E402
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     """Measured FLOP/s of a square matmul on this machine (the MFU denominator)."""
-    if setup.DEVICE.type == "cuda":
+    if device().type == "cuda":
         n, reps = 8192, 20
-    a, b = torch.randn(n, n, dtype=dtype, device=setup.DEVICE), torch.randn(n, n, dtype=dtype, device=setup.DEVICE)
+    a, b = torch.randn(n, n, dtype=dtype, device=device()), torch.randn(n, n, dtype=dtype, device=device())
     for _ in range(2):
         a @ b
     sync()
@@ -88,7 +88,7 @@ def check_first_pass(method: str, model, strategy, autocast, batch: dict) -> str
         plain = float(copy.deepcopy(model)(**first_batch).loss)
     torch.manual_seed(1)
     first = step(method, strategy, batch)
-    tol = 1e-5 if setup.DEVICE.type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
+    tol = 1e-5 if device().type == "cpu" else 1e-3  # GPU kernels may reorder sums between the two paths
     if abs(first - plain) > tol * max(1.0, abs(plain)):
         raise SystemExit(f"{method}: first-pass loss {first} != plain forward {plain}")
     return f"{method}: first-pass loss {first:.6f}, plain unfused forward {plain:.6f}"
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the medians and ratios as JSON here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (models, batches and the matmul peak there)")
     args = ap.parse_args()
-    setup.set_device(args.device)
+    set_device(args.device)
     names = args.methods.split(",")
     n = args.rounds + args.warmup + 1
     sections = [("fixed", f"batch {args.batch} x {args.tokens} tokens (fixed length), fp32",
@@ -260,8 +260,8 @@ def main() -> None:
         "# Step-time benchmark", "",
         *machine_lines(),
         f"- all-MiniLM-L6-v2, W{args.bits}A8 for quantized methods (q8bert: W8A8); {args.rounds} timed rounds "
-        f"after {args.warmup} warm-up; device {setup.DEVICE}"
-        + (f" ({torch.cuda.get_device_name()})" if setup.DEVICE.type == "cuda" else ""), "",
+        f"after {args.warmup} warm-up; device {device()}"
+        + (f" ({torch.cuda.get_device_name()})" if device().type == "cuda" else ""), "",
     ]
     for key, title, *_ in sections:
         lines += table(results[key], title)
