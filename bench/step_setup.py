@@ -98,7 +98,6 @@ def fixed_batches(n: int, batch: int, tokens: int, seed: int = 0) -> list[dict]:
              "labels": torch.randint(0, 2, (batch,), generator=g)} for _ in range(n)]
 
 
-
 def glue_batches(task_name: str, n: int, batch: int, max_len: int, data_dir: str | None, seed: int = 0,
                  two_class: bool = True) -> list[dict]:
     """``n`` shuffled, dynamically padded training batches of a GLUE task, as ``squat`` builds them; ``two_class``:
