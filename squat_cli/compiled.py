@@ -8,6 +8,10 @@ calling ``fn`` itself, for good, the first time compilation fails (no C++
 compiler, an unsupported platform). The compiled and eager results are equal
 on the same inputs; tests check that.
 
+Each kernel keeps one graph per kind of input it meets (dtype, rank, a bound of 0 or 1, per-row or not:
+dynamic shapes cover the sizes), which in a sweep of many methods and widths in one process passes
+dynamo's default limit of 8 graphs per function; the kernels run with a limit of ``RECOMPILE_LIMIT``.
+
 ``SQUAT_FUSED=0`` turns the compiled path off. Compiled kernels are cached on
 disk by PyTorch, so the one-off compile (seconds) happens once per machine.
 """
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Callable
 
 import torch
+from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
 FUSED_ENV = "SQUAT_FUSED"
+RECOMPILE_LIMIT = 64
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +43,7 @@ class Fused:
         self.fn = fn
         self._compiled: Callable | None = None
         self.failed = False
+        self.reason = ""  # why compiling failed, when it did (the warning's text)
 
     def __call__(self, *args):
         if self.failed or not fused_enabled() or torch.compiler.is_compiling():
@@ -44,14 +52,28 @@ class Fused:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             # no "duck" sizing: equal sizes (a square weight) must not specialise the graph
-            with fx_config.patch(use_duck_shape=False):
+            with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return self._compiled(*args)
         except Exception as err:  # no compiler / unsupported backend: keep going, unfused
             self.failed = True
-            log.warning("fused kernel %s unavailable (%s); using the unfused ops", self.fn.__name__,
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            self.reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("fused kernel %s unavailable (%s); using the unfused ops", self.fn.__name__, self.reason)
             return self.fn(*args)
 
 
+_KERNELS: "weakref.WeakSet[Fused]" = weakref.WeakSet()
+
+
 def fused(fn: Callable) -> Fused:
-    return Fused(fn)
+    kernel = Fused(fn)
+    _KERNELS.add(kernel)
+    return kernel
+
+
+def kernel_state() -> str:
+    """What a run's steps ran, for its metrics: "off" (``SQUAT_FUSED=0``), "on" (compiled, or not yet used), or
+    which kernels fell back to the eager ops and why (slower steps: a cost figure should know)."""
+    if not fused_enabled():
+        return "off"
+    failed = sorted(f"{k.fn.__name__} ({k.reason})" for k in _KERNELS if k.failed)
+    return "fell back: " + "; ".join(failed) if failed else "on"

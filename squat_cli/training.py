@@ -14,6 +14,7 @@ from typing import Optional
 
 from squat_cli.allocator import tune_allocator
 from squat_cli.batching import train_loader
+from squat_cli.compiled import kernel_state
 from squat_cli.dev_scores import evaluate
 from squat_cli.errors import DivergenceError, RecipeError, RunError, SquatError
 from squat_cli.files import atomic_dir, ensure_writable, user_path, write_json, write_text
@@ -95,6 +96,7 @@ def _final_metrics(task: GlueTask, result: FitResult, data: TaskData, extra: dic
         # the share of its threads' time the run got: well under 1 when something else shared the CPU
         "cpu_share": round(result.train_cpu_s / (result.train_time_s * result.threads), 3)
         if result.train_time_s > 0 else None,  # None: no training steps (PTQ, GOBO)
+        "fused_kernels": kernel_state(),  # "on", "off" or which fell back to the (slower) eager ops
     }
     out.update(extra)
     return out

@@ -194,4 +194,4 @@ def test_fused_kernels_equal_the_unfused_ops(monkeypatch, shape, step_shape, nee
     # the kernels in use really are compiled ones (a machine without a compiler would fall back)
     from squat_cli.quant.lsq import fake_quant_kernel
 
-    assert not fake_quant_kernel.failed
+    assert not fake_quant_kernel.failed, fake_quant_kernel.reason

@@ -85,6 +85,7 @@ def test_every_method_end_to_end(runs, glue_dir, method, args, variant):
     assert m["method"] == method and 0 <= m["accuracy"] <= 1
     assert m["steps"] == (0 if method in ("ptq", "gobo") else 3)
     assert (m["cpu_share"] is None) == (method in ("ptq", "gobo"))  # no steps: no share of them
+    assert m["fused_kernels"] == "on"  # compiled kernels throughout, for ten methods in one process
     assert m["job_time_s"] > m["wall_time_s"] >= 0  # PTQ too: loading, calibration, evaluation
     assert run.quantizer_file.is_file() == (method != "fp-sam")
     model, tok, recipe, task = load_run_model(run)
