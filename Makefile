@@ -16,7 +16,8 @@ $(VENV)/.demo:
 	@$(PIP) install -q -e ".[demo]"
 	@touch $@
 
-$(VENV)/.dev: $(VENV)/.demo
+# pyproject.toml: a changed dev extra (pytest-xdist came in) is installed by the next `make test`
+$(VENV)/.dev: $(VENV)/.demo pyproject.toml
 	@echo "installing the dev extras"
 	@$(PIP) install -q -e ".[dev]"
 	@touch $@
@@ -26,7 +27,7 @@ demo: $(VENV)/.demo
 	@$(VENV)/bin/squat sweep recipes/demo.yaml --out runs --reports reports
 
 test: $(VENV)/.dev
-	@$(PY) -m pytest -q --durations=15
+	@$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: $(VENV)/.dev
 	@$(VENV)/bin/ruff check squat_cli tests bench

@@ -11,6 +11,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``) each worker takes its share of the cores, it and the
+    processes it starts: torch's default of one thread per core in every worker would oversubscribe the CPU."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 SAMPLE_GLUE = REPO / "tests" / "fixtures" / "glue-sample"
 """The first rows of GLUE's files, shipped so that the suite runs on a fresh clone (see its README)."""
 
