@@ -30,6 +30,9 @@ from torch.fx.experimental import _config as fx_config
 FUSED_ENV = "SQUAT_FUSED"
 RECOMPILE_LIMIT = 64
 log = logging.getLogger(__name__)
+# the settings every call runs under, built once: a config patch costs ~10 us to build, and the kernels run
+# hundreds of times a step. No "duck" sizing: equal sizes (a square weight) must not specialise the graph.
+_COMPILE_SETTINGS = (fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT))
 
 
 def fused_enabled() -> bool:
@@ -51,8 +54,8 @@ class Fused:
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
-            # no "duck" sizing: equal sizes (a square weight) must not specialise the graph
-            with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+            shapes, limit = _COMPILE_SETTINGS
+            with shapes, limit:
                 return self._compiled(*args)
         except Exception as err:  # no compiler / unsupported backend: keep going, unfused
             self.failed = True
