@@ -626,6 +626,30 @@ def test_runs_named_in_contended_json_leave_the_cost_table(tmp_path):
         collect(root)
 
 
+def test_runs_whose_fused_kernels_fell_back_leave_the_cost_table(tmp_path):
+    """A run whose fused LSQ kernels fell back to the eager ops ran slower steps than its method costs: its time
+    leaves the cost figures and is counted, while "on" and "off" (a whole run unfused by choice) stay. Hand values:
+    LSQ times 100, 120, 400 (seed 3 fell back) give a median of 110 from the first two, not 120; SQuAT's ratios
+    3.0, 2.5 (seed 3's pair has no LSQ time) give a median of 2.75."""
+    from squat_cli.report.claims import claims_markdown, cost_table
+    from squat_cli.report.collect import collect, slowed
+
+    root = tmp_path / "runs"
+    states = ("on", "off", "fell back: lsq_forward (Hard failure due to fullgraph=True)")
+    for seed, (t_lsq, t_sq, state) in enumerate(zip((100.0, 120.0, 400.0), (300.0, 300.0, 310.0), states), 1):
+        make_run(root, "rte", "lsq-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t_lsq,
+                                                 "fused_kernels": state})
+        make_run(root, "rte", "squat-w2a8", seed, {"accuracy": 0.6, "steps": 10, "train_time_s": t_sq,
+                                                   "fused_kernels": "on"})
+    cost = cost_table(collect(root).results).set_index("method")
+    assert cost.loc["lsq", "runs"] == 2 and cost.loc["lsq", "contended"] == 1
+    assert cost.loc["lsq", "train_s"] == pytest.approx(110.0)
+    assert cost.loc["squat", "runs"] == 3 and cost.loc["squat", "vs_lsq"] == pytest.approx(2.75)
+    assert "left out (CPU shared or unfused)" in claims_markdown([], cost.reset_index())
+    assert [slowed(m) for m in ({}, {"fused_kernels": "on"}, {"fused_kernels": "off"}, {"fused_kernels": 1},
+                                {"fused_kernels": states[2]})] == [False, False, False, False, True]
+
+
 def test_distilled_runs_get_their_own_paired_comparisons(tmp_path):
     """With +kd runs the claims add the distillation study's pairs (hand values: LSQ+KD - LSQ = +2 and +4 points,
     mean +3; LSQ+KD - FP = -1 and -3, mean -2); without them nothing is added."""

@@ -156,8 +156,9 @@ def claim_summaries(results: pd.DataFrame) -> tuple[list[Summary], dict[str, pd.
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:
     """Median training time (s) per method and W/A, and the median over (task, seed) pairs of its ratio to the LSQ
     run of the same task, bits and seed (``vs_lsq``; with distilled runs, ``vs_plain``: a ``+kd`` method's ratio to
-    the same method without distillation). Runs recorded as sharing the CPU (``cpu_share``) are left out and
-    counted; medians keep a slowed run that was not recorded as such from moving either figure much."""
+    the same method without distillation). Runs recorded as sharing the CPU (``cpu_share``) or whose fused kernels
+    fell back to the eager ops (``fused_kernels``) are left out and counted; medians keep a slowed run that was not
+    recorded as such from moving either figure much."""
     t = results[results.metric == "train_time_s"] if not results.empty else results
     if t.empty:
         return pd.DataFrame(columns=["method", "wbits", "abits", "runs", "train_s", "vs_lsq", "contended"])
@@ -203,7 +204,8 @@ def claims_markdown(rows: list[Summary], cost: pd.DataFrame) -> str:
         kd = "vs_plain" in cost.columns
         lines += ["", "### Cost: training time per run (steps only, this machine)", "",
                   "| method | W/A | runs | median train s | vs LSQ (median of per-run ratios, same task and seed) "
-                  + ("| +KD vs the same method without (same ratio) " if kd else "") + "| left out (CPU shared) |",
+                  + ("| +KD vs the same method without (same ratio) " if kd else "")
+                  + "| left out (CPU shared or unfused) |",
                   "|---|---|---|---|---|" + ("---|" if kd else "") + "---|"]
         for r in cost.itertuples(index=False):
             ratio = "-" if np.isnan(r.vs_lsq) else f"{r.vs_lsq:.2f}x"

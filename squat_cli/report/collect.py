@@ -29,6 +29,13 @@ def contended(metrics: dict, below: float = CONTENDED_SHARE) -> bool:
     return isinstance(share, (int, float)) and share < below
 
 
+def slowed(metrics: dict) -> bool:
+    """Whether the run's fused LSQ kernels fell back to the (slower) eager ops (its ``fused_kernels``): its steps
+    were not the steps its method costs; False if unrecorded, "on" or "off" (a whole run unfused by choice)."""
+    state = metrics.get("fused_kernels")
+    return isinstance(state, str) and state.startswith("fell back")
+
+
 CONTENDED_FILE = "contended.json"
 """In a runs root: which runs shared the CPU, for the runs' times to be no cost. ``{"runs": {"<task>/<variant>/
 seed<k>": "why"}}`` names runs that recorded no ``cpu_share`` (made before it was recorded); an optional
@@ -76,9 +83,10 @@ class Collected:
     results: pd.DataFrame
     """One row per (run, metric): task, method, wbits, abits, seed, metric, value, loss0, short (the value is not
     representative: a sharpness ascent that stopped inside the ball, or a train time measured while other work
-    shared the CPU), delta (the ascent's final ||delta_T||, where recorded). Metrics: the task's GLUE metrics (in
-    percent), ``train_time_s``, ``time:fit`` / ``time:job`` (the training loop's and the whole job's wall time),
-    ``sharpness:<key>`` and ``time:sharpness`` per score, ``step:weight|act:init|final`` (mean step sizes)."""
+    shared the CPU or after the fused kernels fell back to the eager ops), delta (the ascent's final ||delta_T||,
+    where recorded). Metrics: the task's GLUE metrics (in percent), ``train_time_s``, ``time:fit`` / ``time:job``
+    (the training loop's and the whole job's wall time), ``sharpness:<key>`` and ``time:sharpness`` per score,
+    ``step:weight|act:init|final`` (mean step sizes)."""
     recipes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -117,7 +125,8 @@ def collect(root: Path) -> Collected:
             skipped.append((where, f"metrics.json lacks {', '.join(missing)}"))
             continue
         base = {"task": run.task, "method": method, "wbits": wbits, "abits": abits, "seed": run.seed}
-        busy = contended(metrics, shared.below) or f"{run.task}/{run.variant}/seed{run.seed}" in shared
+        busy = contended(metrics, shared.below) or f"{run.task}/{run.variant}/seed{run.seed}" in shared \
+            or slowed(metrics)
         for k in task.metric_names():
             rows.append({**base, "metric": k, "value": 100.0 * float(metrics[k]), "loss0": None, "short": False,
                          "delta": None})

@@ -10,8 +10,9 @@ sharpness), summed over the runs:
   Q-BERT's Hessian, training, evaluations) and of sharpness measurements
   (``sharpness.json``'s ``time_s``), where recorded; ``timed`` says how many.
 
-Runs whose training shared the CPU with other work are counted in and
-counted: they took longer than the machine alone would.
+Runs whose training shared the CPU with other work, or whose fused kernels
+fell back to the eager ops, are counted in and counted: they took longer
+than the machine alone would.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def compute_markdown(table: pd.DataFrame) -> str:
     lines = ["### Compute spent (hours, as the runs recorded it)", "",
              "`steps`: training steps; `evaluations`: the rest of the training loop (dev evaluations); `jobs`: "
              "whole jobs (loading, calibration, training, evaluations) and sharpness measurements, summed over the "
-             "`timed` ones that recorded it. `shared CPU`: runs whose training shared the CPU with other work.", "",
+             "`timed` ones that recorded it. `shared CPU`: runs whose training shared the CPU with other work "
+             "(or ran with its fused kernels fallen back to the eager ops).", "",
              "| task | part | runs / scores | steps | evaluations | timed | jobs | shared CPU |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
