@@ -88,6 +88,19 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         raise
 
 
+def file_in_the_way(folder: Path | str) -> Path | None:
+    """The file (not a folder) at ``folder`` or at one of the folders above it, which keeps it from being made;
+    None if there is none."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        try:
+            if p.exists() and not p.is_dir():
+                return p
+        except OSError:  # a name too long to look up: not a file in the way
+            continue
+    return None
+
+
 @contextmanager
 def staged(folder: Path | str, name: str = "report") -> Iterator[Path]:
     """Write a set of files as one: the block writes into ``folder/.NAME.tmp-PID``; on success every file moves
@@ -96,7 +109,11 @@ def staged(folder: Path | str, name: str = "report") -> Iterator[Path]:
     import signal
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where the folder (or a folder above it) should be
+        raise RunError(f"cannot write to {folder}: {file_in_the_way(folder) or folder} is a file, not a folder") \
+            from None
     sweep_stale(folder / name)
     stage = folder / f".{name}.tmp-{os.getpid()}"
     if stage.exists():

@@ -273,6 +273,9 @@ def test_bad_exports(runs, tmp_path):
     _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "link")]), "is a symbolic link")
     (tmp_path / "afile").write_text("x")
     _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "afile")]), "a file is in the way")
+    _one_line_error(runner.invoke(app, ["export", str(src), "--to", str(tmp_path / "afile" / "x")]),
+                    f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):

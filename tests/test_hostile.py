@@ -320,6 +320,20 @@ def test_an_interrupted_report_leaves_the_previous_set(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in reports.iterdir()} == before  # the old set, whole; no temporaries
 
 
+def test_a_file_in_the_way_of_the_reports_folder_is_one_line(tmp_path):
+    """--reports naming a file, or a folder under one: one line naming the file, for every kind of report, and
+    the file is left as it was."""
+    runs = _fake_runs(tmp_path / "runs")
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    for where in (blocker, blocker / "sub" / "rep"):
+        for kind in (["results"], ["search"], ["variants", "--reference", str(runs)],
+                     ["compare", "--reference", str(runs)]):
+            res = runner.invoke(app, ["report", *kind, "--out", str(runs), "--reports", str(where)])
+            one_line(res, f"cannot write to {where}: {blocker} is a file, not a folder")
+    assert blocker.read_text() == "mine"
+
+
 def test_a_full_disk_during_report_names_the_file(tmp_path):
     runs = _fake_runs(tmp_path / "runs")
     proc = _cli(["report", "results", "--out", str(runs), "--reports", str(tmp_path / "rep")], preexec=_fsize(4096))

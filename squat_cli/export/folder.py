@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from squat_cli.errors import RunError
-from squat_cli.files import sha256_file
+from squat_cli.files import file_in_the_way, sha256_file
 from squat_cli.runs import RunDir
 
 MANIFEST_FILE = "manifest.json"
@@ -154,8 +154,11 @@ def check_destination(out: Path) -> None:
     out = Path(out)
     if out.is_symlink():
         raise RunError(f"--to {out}: is a symbolic link; give the folder itself")
-    if out.exists() and not out.is_dir():
+    blocker = file_in_the_way(out)
+    if blocker == out:
         raise RunError(f"--to {out}: a file is in the way (an export is a folder)")
+    if blocker is not None:
+        raise RunError(f"--to {out}: {blocker} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     refuse = f"--to {out}: the folder exists and is not a squat export; choose a new or empty folder"

@@ -104,7 +104,6 @@ def search_markdown(df: pd.DataFrame) -> str:
 def write_search(root: Path, folder: Path) -> pd.DataFrame:
     """``search.csv`` and ``search.md`` in ``folder``; returns the rows."""
     df = search_rows(root)
-    folder.mkdir(parents=True, exist_ok=True)
     with staged(folder, "search") as stage:
         write_text(stage / "search.csv", df.to_csv(index=False, float_format="%.6g"))
         write_text(stage / "search.md", search_markdown(df))
