@@ -348,6 +348,29 @@ def test_corrupt_or_tampered_exports_are_refused(runs, glue_dir, tmp_path):
     _one_line_error(runner.invoke(app, ["evaluate", str(good), "--precision", "fp16"]), "--precision: 'fp16'")
 
 
+def test_evaluate_never_writes_over_the_files_of_what_it_scores(runs, glue_dir, tmp_path):
+    """--out naming a file the run or the export is made of (metrics.json marks a run finished and holds its
+    numbers; the manifest checks the export) is refused before scoring and the file is left as it was; an earlier
+    eval_metrics.json may be replaced; a folder, a missing folder or a file above it is one line too."""
+    run = _run(runs, "lsq-w2a8")
+    packed = tmp_path / "packed"
+    assert runner.invoke(app, ["export", str(run), "--to", str(packed)]).exit_code == 0
+    (tmp_path / "afile").write_text("mine")
+    for folder, own in ((run, run / "metrics.json"), (run, run / "recipe.yaml"), (packed, packed / "manifest.json")):
+        before = own.read_bytes()
+        _one_line_error(runner.invoke(app, ["evaluate", str(folder), "--data-dir", str(glue_dir), "--out", str(own)]),
+                        f"is one of the files of {folder}")
+        assert own.read_bytes() == before
+    for out, message in ((tmp_path, "is a folder; name a file"),
+                         (tmp_path / "nodir" / "m.json", f"its folder {tmp_path / 'nodir'} does not exist"),
+                         (tmp_path / "afile" / "m.json", f"{tmp_path / 'afile'} is a file, not a folder")):
+        _one_line_error(runner.invoke(app, ["evaluate", str(packed), "--data-dir", str(glue_dir), "--out", str(out)]),
+                        message)
+    for _ in range(2):  # the default file, written and then replaced
+        assert runner.invoke(app, ["evaluate", str(packed), "--data-dir", str(glue_dir),
+                                   "--out", str(packed / "eval_metrics.json")]).exit_code == 0
+
+
 def _lowbit_nodes(graph, op):
     return [n for n in graph.node if n.op_type == op and n.domain == "com.microsoft"]
 
