@@ -19,7 +19,7 @@ from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
 from squat_cli.export.folder import MANIFEST_FILE, source_settings, source_task
 from squat_cli.export.formats import FORMATS, detect
-from squat_cli.files import file_in_the_way, write_json
+from squat_cli.files import check_output_file, write_json
 from squat_cli.runs import RunDir
 from squat_cli.task_data import dev_sets
 
@@ -89,20 +89,6 @@ def open_scorable(path: Path, precision: Optional[str] = None) -> Scorable:
     return Scorable(model, tokenizer, task, settings, reference, folder, kind)
 
 
-def check_metrics_out(out: Path, folder: Path) -> None:
-    """Refuse, before scoring, a metrics file that cannot be written or would replace a file the model is made of
-    (the run's ``metrics.json``, a manifest, ...): only an earlier ``eval_metrics.json`` there may be replaced."""
-    if out.is_dir():
-        raise RunError(f"--out {out}: is a folder; name a file")
-    if not out.parent.is_dir():
-        blocker = file_in_the_way(out.parent)
-        raise RunError(f"--out {out}: " + (f"{blocker} is a file, not a folder" if blocker
-                                           else f"its folder {out.parent} does not exist"))
-    real = out.resolve()
-    if out.exists() and real.name != EVAL_FILE and real.is_relative_to(Path(folder).resolve()):
-        raise RunError(f"--out {out}: is one of the files of {folder}; write the metrics to another file")
-
-
 def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path] = None,
                   precision: Optional[str] = None) -> Scored:
     """Load what ``path`` holds, score it on the dev sets, write the metrics (default ``<folder>/eval_metrics.json``).
@@ -112,7 +98,7 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
     model, tokenizer, task, settings, folder, kind = s.model, s.tokenizer, s.task, s.settings, s.folder, s.kind
     path = Path(path)
     written = Path(out) if out is not None else folder / EVAL_FILE
-    check_metrics_out(written, folder)
+    check_output_file(written, "--out", folder, replaceable=EVAL_FILE)
     dev = dev_sets(task, settings["data"], tokenizer, data_dir)
     m = evaluate(model, task, dev, int(settings["eval_batch_size"]), tokenizer.pad_token_id, torch.device("cpu"),
                  _autocast(settings["precision"]))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 import torch
 
 from squat_cli.errors import DataError
-from squat_cli.files import atomic_path, file_in_the_way
+from squat_cli.files import atomic_path, check_output_file
 
 CHUNK = 4096
 """Rows scored together (and batched by length among themselves)."""
@@ -107,19 +107,6 @@ def predict_rows(scorable, rows: list[tuple[int, dict]], where: str) -> list[dic
     return results
 
 
-def check_output(output: Path, input_file: Optional[Path]) -> None:
-    """Refuse, before the model loads, an output that cannot be written or would replace the rows being read."""
-    if output.is_dir():
-        raise DataError(f"--output {output}: is a folder; name a file")
-    if not output.parent.is_dir():
-        blocker = file_in_the_way(output.parent)
-        why = f"{blocker} is a file, not a folder" if blocker else f"its folder {output.parent} does not exist"
-        raise DataError(f"--output {output}: {why}")
-    if input_file is not None and output.exists() and os.path.samefile(output, input_file):
-        raise DataError(f"--output {output} is the --input file: the predictions would replace the rows; "
-                        "choose another file")
-
-
 def predict_file(model_path: Path, input_path: str, output_path: str, input_format: Optional[str] = None,
                  progress: Optional[Callable[[int], None]] = None, stdin: Optional[TextIO] = None,
                  stdout: Optional[TextIO] = None) -> int:
@@ -132,8 +119,13 @@ def predict_file(model_path: Path, input_path: str, output_path: str, input_form
     if input_path != "-" and not Path(input_path).is_file():
         raise DataError(f"{input_path}: no such file")
     if output_path != "-":
-        check_output(Path(output_path), None if input_path == "-" else Path(input_path))
+        check_output_file(output_path, "--output")
+        if input_path != "-" and Path(output_path).exists() and os.path.samefile(output_path, input_path):
+            raise DataError(f"--output {output_path} is the --input file: the predictions would replace the rows; "
+                            "choose another file")
     scorable = open_scorable(Path(model_path))
+    if output_path != "-":
+        check_output_file(output_path, "--output", scorable.folder)
     if input_path == "-":
         source = stdin if stdin is not None else sys.stdin
     else:

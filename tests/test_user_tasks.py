@@ -114,7 +114,8 @@ def test_predict_streams_stdin_jsonl_and_refuses_bad_rows(trained):
 
 def test_predict_refuses_an_output_that_would_replace_its_input_or_cannot_be_written(trained, tmp_path):
     """--output naming the --input file (or a link to it) would replace the user's rows with predictions: refused
-    in one line and the file is left as it was; a folder, a missing folder or a file above it likewise."""
+    in one line and the file is left as it was; a file of the model being run, a folder, a missing folder or a
+    file above it likewise."""
     _, run = trained
     model = str(run / "export" / "packed")
     rows = tmp_path / "new.jsonl"
@@ -124,12 +125,14 @@ def test_predict_refuses_an_output_that_would_replace_its_input_or_cannot_be_wri
     for output, message in ((rows, "is the --input file"), (tmp_path / "link.jsonl", "is the --input file"),
                             (tmp_path, "is a folder; name a file"),
                             (tmp_path / "nodir" / "p.jsonl", f"its folder {tmp_path / 'nodir'} does not exist"),
-                            (tmp_path / "afile" / "p.jsonl", f"{tmp_path / 'afile'} is a file, not a folder")):
+                            (tmp_path / "afile" / "p.jsonl", f"{tmp_path / 'afile'} is a file, not a folder"),
+                            (run / "export" / "packed" / "manifest.json", "is one of the files of")):
         res = runner.invoke(app, ["predict", model, "--input", str(rows), "--output", str(output)])
         out = res.output.strip()
         assert res.exit_code == 2 and len(out.splitlines()) == 1 and message in out, out
     assert rows.read_text() == json.dumps({"review": "a good film"}) + "\n"
     assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "afile").read_text() == "mine"
+    assert json.loads((run / "export" / "packed" / "manifest.json").read_text())["format"] == "squat-packed"
     res = runner.invoke(app, ["predict", model, "--input", str(rows), "--output", str(tmp_path / "p.jsonl")])
     assert res.exit_code == 0 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
 
