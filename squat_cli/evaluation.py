@@ -19,7 +19,7 @@ from squat_cli.dev_scores import evaluate
 from squat_cli.errors import RunError
 from squat_cli.export.folder import MANIFEST_FILE, source_settings, source_task
 from squat_cli.export.formats import FORMATS, detect
-from squat_cli.files import check_output_file, write_json
+from squat_cli.files import check_not_a_file_of, check_output_file, write_json
 from squat_cli.runs import RunDir
 from squat_cli.task_data import dev_sets
 
@@ -98,7 +98,8 @@ def evaluate_path(path: Path, data_dir: Optional[str] = None, out: Optional[Path
     model, tokenizer, task, settings, folder, kind = s.model, s.tokenizer, s.task, s.settings, s.folder, s.kind
     path = Path(path)
     written = Path(out) if out is not None else folder / EVAL_FILE
-    check_output_file(written, "--out", folder, replaceable=EVAL_FILE)
+    check_output_file(written, "--out")
+    check_not_a_file_of(written, "--out", folder, replaceable=EVAL_FILE)
     dev = dev_sets(task, settings["data"], tokenizer, data_dir)
     m = evaluate(model, task, dev, int(settings["eval_batch_size"]), tokenizer.pad_token_id, torch.device("cpu"),
                  _autocast(settings["precision"]))

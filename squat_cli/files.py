@@ -101,11 +101,9 @@ def file_in_the_way(folder: Path | str) -> Path | None:
     return None
 
 
-def check_output_file(path: Path | str, option: str, model_folder: Path | str | None = None,
-                      replaceable: str = "") -> None:
-    """Refuse, before any work, an output file (``option`` names it in the error) that cannot be written (a
-    folder, a missing folder, a file above it), or that is an existing file of ``model_folder`` (what the command
-    reads: a run or an export), other than one named ``replaceable`` (the command's own earlier output)."""
+def check_output_file(path: Path | str, option: str) -> None:
+    """Refuse, before any work, an output file (``option`` names it in the error) that cannot be written: a
+    folder, a missing folder, a file above it."""
     path = Path(path)
     if path.is_dir():
         raise RunError(f"{option} {path}: is a folder; name a file")
@@ -113,7 +111,13 @@ def check_output_file(path: Path | str, option: str, model_folder: Path | str | 
         blocker = file_in_the_way(path.parent)
         raise RunError(f"{option} {path}: " + (f"{blocker} is a file, not a folder" if blocker
                                                else f"its folder {path.parent} does not exist"))
-    if model_folder is not None and path.exists():
+
+
+def check_not_a_file_of(path: Path | str, option: str, model_folder: Path | str, replaceable: str = "") -> None:
+    """Refuse an output that is an existing file of ``model_folder`` (what the command reads: a run or an export),
+    other than one named ``replaceable`` (the command's own earlier output)."""
+    path = Path(path)
+    if path.exists():
         real = path.resolve()
         if real.name != replaceable and real.is_relative_to(Path(model_folder).resolve()):
             raise RunError(f"{option} {path}: is one of the files of {model_folder}; write to another file")

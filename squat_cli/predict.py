@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 import torch
 
 from squat_cli.errors import DataError
-from squat_cli.files import atomic_path, check_output_file
+from squat_cli.files import atomic_path, check_not_a_file_of, check_output_file
 
 CHUNK = 4096
 """Rows scored together (and batched by length among themselves)."""
@@ -125,7 +125,7 @@ def predict_file(model_path: Path, input_path: str, output_path: str, input_form
                             "choose another file")
     scorable = open_scorable(Path(model_path))
     if output_path != "-":
-        check_output_file(output_path, "--output", scorable.folder)
+        check_not_a_file_of(output_path, "--output", scorable.folder)
     if input_path == "-":
         source = stdin if stdin is not None else sys.stdin
     else:
